@@ -1,0 +1,50 @@
+"""mtlora-jax: MTLoRA (arXiv 2403.07440) as pure functions over Flax parameter trees.
+
+    import mtlora_jax as mt
+    cfg = mt.MTLoRAConfig(rank=8, alpha=16.0, structure="shim", targets=(r".*/(query|value)/kernel",))
+    params = mt.init(params, cfg, key)                 # target leaves become mt.Adapted nodes
+    logits = mt.apply(model.apply)({"params": params}, x)
+    tx = mt.optimizer(optax.adamw(5e-4), params)       # frozen base: no state, no update
+    plain = mt.merge(params)                           # W + dW for inference
+"""
+
+from mtlora_jax.adapted import Adapted, delta, is_adapted
+from mtlora_jax.apply import apply
+from mtlora_jax.checkpoint import (
+    adapter_state,
+    load_adapters,
+    load_training_state,
+    peft_lora_state,
+    restore_adapter_state,
+    save_adapters,
+)
+from mtlora_jax.inject import MTLoRAConfig, init
+from mtlora_jax.masks import combine, optimizer, split, trainable_mask
+from mtlora_jax.merge import merge, unmerge
+from mtlora_jax.structures import STRUCTURES, transform
+from mtlora_jax.summary import count_params, summary
+
+__all__ = [
+    "STRUCTURES",
+    "Adapted",
+    "MTLoRAConfig",
+    "adapter_state",
+    "apply",
+    "combine",
+    "count_params",
+    "delta",
+    "init",
+    "is_adapted",
+    "load_adapters",
+    "load_training_state",
+    "merge",
+    "optimizer",
+    "peft_lora_state",
+    "restore_adapter_state",
+    "save_adapters",
+    "split",
+    "summary",
+    "trainable_mask",
+    "transform",
+    "unmerge",
+]

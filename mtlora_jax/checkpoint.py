@@ -1,0 +1,193 @@
+"""Adapter-only checkpoints (Orbax) and the exact export to PEFT LoRA.
+
+A checkpoint holds the trainable leaves only (every A, B, C, D and the `extra_trainable` leaves, keyed
+by "/"-joined path), optionally the optimizer state and step, plus a JSON description of every adapter
+(structure, rank, scale, shapes) that restores are checked against. Base weights are never written.
+Orbax writes to a temporary folder and renames it when complete, so a checkpoint is never half-written.
+
+PEFT export: PEFT's LoRA computes dW_torch = (lora_alpha / r) · lora_B · lora_A. With lora_A = A and
+lora_B = B_full · T (and lora_alpha = scale · R) that is exactly MTLoRA's scale · B_full · T · A.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mtlora_jax import paths
+from mtlora_jax.adapted import Adapted, is_adapted
+from mtlora_jax.masks import split
+
+_FACTORS = ("a", "b", "c", "d")
+
+
+def adapter_state(params, extra_trainable=()) -> dict[str, jax.Array]:
+    """The trainable leaves as a flat {path: array} dict (Adapted factors appear as ".../kernel/a")."""
+    trainable, _ = split(params, extra_trainable)
+    return dict(paths.named_leaves(trainable, adapted_as_leaf=False))
+
+
+def adapter_meta(params) -> dict[str, dict]:
+    """JSON-able description of each adapted leaf: what a restore must agree with."""
+    meta = {}
+    for path, ad in paths.named_leaves(params):
+        if is_adapted(ad):
+            meta[path] = {
+                "structure": ad.structure, "scale": ad.scale, "rank": ad.rank, "in_ndim": ad.in_ndim,
+                "stack_ndim": ad.stack_ndim, "slices": ad.slices, "enable": list(ad.enable),
+                "w_shape": list(ad.w.shape),
+            }
+    return meta
+
+
+def restore_adapter_state(params, flat: dict, meta: dict | None = None, *, source: str = "checkpoint"):
+    """Puts a flat {path: array} state back into `params`, checking structure and shapes.
+
+    Raises:
+      ValueError: naming the path, for a missing or unexpected leaf, a shape mismatch, or an adapter
+        whose structure/rank/scale differs from the template.
+    """
+    want = adapter_state(params)
+    expected_meta = adapter_meta(params)
+    for path, m in (meta or {}).items():
+        if path not in expected_meta:
+            raise ValueError(f"{source}: adapter {path!r} is not adapted in the template")
+        for k, v in m.items():
+            if expected_meta[path][k] != v:
+                raise ValueError(f"{source}: adapter {path!r} has {k}={v!r}, the template has {expected_meta[path][k]!r}")
+    for path in want:
+        if path not in flat and path.rsplit("/", 1)[-1] in _FACTORS:
+            raise ValueError(f"{source}: missing adapter leaf {path!r}")
+    for path, value in flat.items():
+        if path not in want and not _is_plain_leaf(params, path):
+            raise ValueError(f"{source}: leaf {path!r} does not exist in the template (or is not trainable there)")
+
+    def visit(keypath, leaf):
+        path = paths.path_str(keypath)
+        if is_adapted(leaf):
+            new = {f: _take(flat, f"{path}/{f}", getattr(leaf, f), source) for f in _FACTORS}
+            return dataclasses.replace(leaf, **new)
+        return _take(flat, path, leaf, source) if path in flat else leaf
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_adapted)
+
+
+def _is_plain_leaf(params, path: str) -> bool:
+    return any(p == path and not is_adapted(x) for p, x in paths.named_leaves(params))
+
+
+def _take(flat, path, like, source):
+    if like is None:
+        return None
+    value = flat[path]
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"{source}: {path!r} has shape {tuple(value.shape)}, the template has {tuple(like.shape)}")
+    return jax.numpy.asarray(value, dtype=like.dtype)
+
+
+def save_adapters(path, params, *, extra_trainable=(), opt_state=None, step: int | None = None) -> str:
+    """Writes adapters (+ extra trainable leaves, optimizer state, step) to folder `path` with Orbax.
+
+    Returns:
+      The absolute path written. An existing checkpoint at `path` is replaced.
+    """
+    path = os.path.abspath(os.fspath(path))
+    state = {"adapters": adapter_state(params, extra_trainable)}
+    if opt_state is not None:
+        state["opt_state"] = opt_state
+    if step is not None:
+        state["step"] = int(step)
+    meta = {"adapters": adapter_meta(params), "has_opt_state": opt_state is not None, "step": step}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                   force=True)
+    return path
+
+
+def load_training_state(path, params, opt_state=None):
+    """Restores a `save_adapters` checkpoint into templates.
+
+    Args:
+      path: the checkpoint folder.
+      params: the adapted tree to fill (its base weights are kept).
+      opt_state: an optimizer-state template, or None to skip it.
+
+    Returns:
+      (params, opt_state, step); opt_state and step are None where not requested or not saved.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no adapter checkpoint at {path}")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        flat_meta = ckptr.metadata(path).item_metadata["state"]["adapters"]
+        for p, m in flat_meta.items():
+            if p not in adapter_state(params) and not _is_plain_leaf(params, p):
+                raise ValueError(f"{path}: leaf {p!r} does not exist in the template (or is not trainable there)")
+        template = {"adapters": {p: np.zeros(m.shape, m.dtype) for p, m in flat_meta.items()}}
+        want_opt = opt_state is not None and meta["has_opt_state"]
+        if want_opt:
+            template["opt_state"] = opt_state
+        if meta.get("step") is not None:
+            template["step"] = 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        state = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    params = restore_adapter_state(params, state["adapters"], meta["adapters"], source=path)
+    return params, state.get("opt_state") if want_opt else None, state.get("step")
+
+
+def load_adapters(path, params):
+    """Restores adapters (and saved extra trainable leaves) from `save_adapters` into `params`."""
+    return load_training_state(path, params)[0]
+
+
+def peft_lora_state(
+    params, module_name: Callable[[str], str], *, prefix: str = "base_model.model.", **config
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Exact PEFT LoRA export: lora_A = A, lora_B = B_full · T, lora_alpha = scale · R.
+
+    Args:
+      params: an adapted tree (unstacked adapters).
+      module_name: maps a weight path (".../query/kernel") to the PEFT module name
+        ("encoder.layer.0.attention.self.query"). Paths ending in "/embedding" export as PEFT's
+        `lora_embedding_A` / `lora_embedding_B`.
+      prefix: prepended to module names in the state dict keys (PEFT's saved-adapter convention).
+      **config: extra adapter_config.json entries (e.g. fan_in_fan_out=True for GPT-2's Conv1D).
+
+    Returns:
+      (state_dict of numpy float32 arrays, adapter_config dict) to write as adapter_model.safetensors
+      and adapter_config.json.
+    """
+    state, ranks, alphas = {}, {}, {}
+    for path, ad in paths.named_leaves(params):
+        if not is_adapted(ad):
+            continue
+        if ad.stack_ndim:
+            raise ValueError(f"peft export: {path!r} is stacked (nn.scan); export an unscanned model")
+        name = module_name(path)
+        a = np.asarray(ad.a, np.float32)
+        t = ad.t()
+        b = np.asarray(ad.b_full() if t is None else ad.b_full() @ t, np.float32)
+        kind = "lora_embedding_" if path.endswith("/embedding") else "lora_"
+        suffix = "" if kind == "lora_embedding_" else ".weight"
+        state[f"{prefix}{name}.{kind}A{suffix}"] = a
+        state[f"{prefix}{name}.{kind}B{suffix}"] = b
+        ranks[name], alphas[name] = ad.total_rank, ad.scale * ad.total_rank
+    if not ranks:
+        raise ValueError("peft export: the tree has no adapted leaves")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+    }
+    cfg.update(config)
+    return state, cfg

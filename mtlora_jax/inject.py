@@ -1,0 +1,172 @@
+"""Injecting MTLoRA adapters into a Flax parameter tree.
+
+`init(params, cfg, key)` returns the same tree with every target leaf (a "/"-joined path that
+`re.fullmatch`es one of `cfg.targets`) replaced by an `Adapted` node holding the frozen weight and
+fresh factors: A, C, D ~ U(±1/sqrt(fan_in)) as torch's ``kaiming_uniform_(a=sqrt(5))`` (fan_in = d_in for
+A, rank for C and D) and B = 0, so dW = (alpha/rank) · B · T · A is exactly zero at init (arXiv
+2403.07440; see `structures` for T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtlora_jax import paths, structures
+from mtlora_jax.adapted import Adapted, is_adapted
+
+A_INITS = ("kaiming_uniform", "gaussian")
+B_INITS = ("zeros", "kaiming_uniform", "gaussian")
+
+
+def _pairs(value, what: str) -> tuple:
+    """A {regex: value} mapping (or pairs) as a hashable tuple of pairs, regexes validated."""
+    items = tuple(value.items()) if isinstance(value, Mapping) else tuple(tuple(p) for p in value)
+    paths.compile_patterns([k for k, _ in items], what)
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class MTLoRAConfig:
+    """What to adapt and how.
+
+    Attributes:
+      rank: r, the adapter rank.
+      alpha: scale = alpha / rank.
+      structure: "lora" | "shim" | "icfm" | "ctcm" | "dtsm" (see `structures.STRUCTURES`).
+      targets: regexes full-matched against "/"-joined parameter paths, e.g. r".*/(query|value)/kernel".
+      dropout: adapter input dropout rate (active only when `mt.apply(fn, rng=...)` gets an rng).
+      rank_pattern: {regex: rank} overrides per target (first match wins), like PEFT's rank_pattern.
+      alpha_pattern: {regex: alpha} overrides per target.
+      in_ndim: {regex: n}: the leading n axes of w (after stack axes) form d_in. Default 1 for 2-D
+        weights; weights with more axes (DenseGeneral, conv) must be listed.
+      stack_ndim: {regex: n}: leading stacked-layer axes (nn.scan), shared by w and its factors.
+      fused: {regex: (slices, enable)}: fused projections, e.g. {r".*/c_attn/kernel": (3, (True, False, True))}.
+      dtype: adapter dtype (fp32 adapters over a bf16 base work).
+      a_init: "kaiming_uniform" (reference) or "gaussian" (N(0, 1/rank), PEFT's gaussian).
+      b_init: "zeros" (reference), "kaiming_uniform" or "gaussian" (nonzero dW at init).
+      c_init: "kaiming_uniform" (reference), "identity", "near_identity" or "zeros" (shim/dtsm with nonzero B).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    structure: str = "shim"
+    targets: tuple[str, ...] = ()
+    dropout: float = 0.0
+    rank_pattern: tuple = ()
+    alpha_pattern: tuple = ()
+    in_ndim: tuple = ()
+    stack_ndim: tuple = ()
+    fused: tuple = ()
+    dtype: object = jnp.float32
+    a_init: str = "kaiming_uniform"
+    b_init: str = "zeros"
+    c_init: str = "kaiming_uniform"
+
+    def __post_init__(self):
+        structures.get_structure(self.structure)
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("targets", tuple(self.targets) if not isinstance(self.targets, str) else (self.targets,))
+        if not self.targets:
+            raise ValueError("MTLoRAConfig.targets is empty: give regexes such as r'.*/(query|value)/kernel'")
+        paths.compile_patterns(self.targets, "MTLoRAConfig.targets")
+        for name in ("rank_pattern", "alpha_pattern", "in_ndim", "stack_ndim", "fused"):
+            set_(name, _pairs(getattr(self, name), f"MTLoRAConfig.{name}"))
+        for what, value in [("rank", self.rank)] + [(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern]:
+            if not isinstance(value, int | np.integer) or value <= 0:
+                raise ValueError(f"MTLoRAConfig.{what} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MTLoRAConfig.dropout must be in [0, 1), got {self.dropout}")
+        set_("dtype", jnp.dtype(self.dtype))
+        for name, valid in (("a_init", A_INITS), ("b_init", B_INITS), ("c_init", structures.C_INITS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"MTLoRAConfig.{name}={getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if self.c_init == "zeros" and (self.b_init == "zeros" or self.structure in ("icfm", "ctcm")):
+            raise ValueError(
+                f"MTLoRAConfig: c_init='zeros' with b_init={self.b_init!r} and structure={self.structure!r} "
+                "makes every adapter gradient exactly zero forever; use c_init='kaiming_uniform'"
+            )
+
+
+def _init_leaf(path: str, w: jax.Array, cfg: MTLoRAConfig, key: jax.Array) -> Adapted:
+    """Builds the Adapted node for one target weight, validating its shape and rank."""
+    if not hasattr(w, "shape") or is_adapted(w):
+        raise ValueError(f"target {path!r} is {'already adapted' if is_adapted(w) else type(w).__name__}")
+    stack = paths.first_match(cfg.stack_ndim, path, 0)
+    core_ndim = w.ndim - stack
+    if core_ndim < 2:
+        raise ValueError(
+            f"target {path!r} has shape {tuple(w.shape)}, not a matrix-like weight (a bias or a norm scale?); "
+            "tighten MTLoRAConfig.targets"
+        )
+    in_ndim = paths.first_match(cfg.in_ndim, path, 1 if core_ndim == 2 else None)
+    if in_ndim is None:
+        raise ValueError(
+            f"target {path!r} has shape {tuple(w.shape)}: say which leading axes form d_in with "
+            f"MTLoRAConfig.in_ndim={{{path!r}: n}} (conv kernels [*spatial, in, out]: n = {core_ndim - 1})"
+        )
+    slices, enable = paths.first_match(cfg.fused, path, (1, (True,)))
+    enable = tuple(bool(e) for e in enable)
+    rank = int(paths.first_match(cfg.rank_pattern, path, cfg.rank))
+    alpha = float(paths.first_match(cfg.alpha_pattern, path, cfg.alpha))
+    stack_shape = tuple(w.shape[:stack])
+    d_in = math.prod(w.shape[stack : stack + in_ndim])
+    d_out = math.prod(w.shape[stack + in_ndim :])
+    if len(enable) != slices or slices < 1 or d_out % slices:
+        raise ValueError(f"target {path!r}: fused={slices, enable} does not fit d_out={d_out}")
+    k, d_slice = sum(enable), d_out // slices
+    if not 0 < rank <= min(d_in, d_slice):
+        raise ValueError(f"target {path!r}: rank {rank} must be in [1, min(d_in={d_in}, d_out={d_slice})]")
+    ka, kb, kc = jax.random.split(key, 3)
+    dt = cfg.dtype
+    bound_a = 1.0 / math.sqrt(d_in)
+    if cfg.a_init == "kaiming_uniform":
+        a = jax.random.uniform(ka, stack_shape + (k * rank, d_in), dt, -bound_a, bound_a)
+    else:
+        a = jax.random.normal(ka, stack_shape + (k * rank, d_in), dt) / rank
+    b_shape = stack_shape + (k * d_slice, rank)
+    if cfg.b_init == "zeros":
+        b = jnp.zeros(b_shape, dt)
+    elif cfg.b_init == "kaiming_uniform":
+        b = jax.random.uniform(kb, b_shape, dt, -1 / math.sqrt(rank), 1 / math.sqrt(rank))
+    else:
+        b = jax.random.normal(kb, b_shape, dt) / rank
+    c, d = structures.init_cd(cfg.structure, kc, stack_shape + (k * rank, k * rank), dt, cfg.c_init)
+    node = Adapted(
+        w=w, a=a, b=b, c=c, d=d, structure=cfg.structure, scale=alpha / rank, in_ndim=in_ndim,
+        stack_ndim=stack, dropout=cfg.dropout, slices=slices, enable=enable,
+    )
+    return node.validate(path)
+
+
+def init(params, cfg: MTLoRAConfig, key: jax.Array):
+    """Adds MTLoRA adapters to every target leaf.
+
+    Args:
+      params: a Flax parameter tree (the "params" collection), plain arrays.
+      cfg: what to adapt.
+      key: PRNG key; each target gets its own key split from it.
+
+    Returns:
+      The same tree structure with each target leaf an `Adapted` node; other leaves are the same objects.
+
+    Raises:
+      ValueError: a target regex matching nothing, a non-matrix target, a bad rank or fused split.
+    """
+    named = paths.named_leaves(params)
+    all_paths = [p for p, _ in named]
+    patterns = paths.compile_patterns(cfg.targets, "MTLoRAConfig.targets")
+    paths.check_all_used(patterns, all_paths, "MTLoRAConfig.targets")
+    target_paths = [p for p in all_paths if paths.matches_any(patterns, p)]
+    keys = dict(zip(target_paths, jax.random.split(key, len(target_paths)), strict=True))
+
+    def visit(keypath, leaf):
+        path = paths.path_str(keypath)
+        return _init_leaf(path, leaf, cfg, keys[path]) if path in keys else leaf
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_adapted)
