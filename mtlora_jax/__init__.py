@@ -1,11 +1,11 @@
 """mtlora-jax: MTLoRA (arXiv 2403.07440) as pure functions over Flax parameter trees.
 
-    import mtlora_jax as mt
-    cfg = mt.MTLoRAConfig(rank=8, alpha=16.0, structure="shim", targets=(r".*/(query|value)/kernel",))
-    params = mt.init(params, cfg, key)                 # target leaves become mt.Adapted nodes
-    logits = mt.apply(model.apply)({"params": params}, x)
-    tx = mt.optimizer(optax.adamw(5e-4), params)       # frozen base: no state, no update
-    plain = mt.merge(params)                           # W + dW for inference
+import mtlora_jax as mt
+cfg = mt.MTLoRAConfig(rank=8, alpha=16.0, structure="shim", targets=(r".*/(query|value)/kernel",))
+params = mt.init(params, cfg, key)                 # target leaves become mt.Adapted nodes
+logits = mt.apply(model.apply)({"params": params}, x)
+tx = mt.optimizer(optax.adamw(5e-4), params)       # frozen base: no state, no update
+plain = mt.merge(params)                           # W + dW for inference
 """
 
 from mtlora_jax.adapted import Adapted, delta, is_adapted

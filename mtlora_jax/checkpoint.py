@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mtlora_jax import paths
-from mtlora_jax.adapted import Adapted, is_adapted
+from mtlora_jax.adapted import is_adapted
 from mtlora_jax.masks import split
 
 _FACTORS = ("a", "b", "c", "d")
@@ -39,8 +39,13 @@ def adapter_meta(params) -> dict[str, dict]:
     for path, ad in paths.named_leaves(params):
         if is_adapted(ad):
             meta[path] = {
-                "structure": ad.structure, "scale": ad.scale, "rank": ad.rank, "in_ndim": ad.in_ndim,
-                "stack_ndim": ad.stack_ndim, "slices": ad.slices, "enable": list(ad.enable),
+                "structure": ad.structure,
+                "scale": ad.scale,
+                "rank": ad.rank,
+                "in_ndim": ad.in_ndim,
+                "stack_ndim": ad.stack_ndim,
+                "slices": ad.slices,
+                "enable": list(ad.enable),
                 "w_shape": list(ad.w.shape),
             }
     return meta
@@ -60,11 +65,13 @@ def restore_adapter_state(params, flat: dict, meta: dict | None = None, *, sourc
             raise ValueError(f"{source}: adapter {path!r} is not adapted in the template")
         for k, v in m.items():
             if expected_meta[path][k] != v:
-                raise ValueError(f"{source}: adapter {path!r} has {k}={v!r}, the template has {expected_meta[path][k]!r}")
+                raise ValueError(
+                    f"{source}: adapter {path!r} has {k}={v!r}, the template has {expected_meta[path][k]!r}"
+                )
     for path in want:
         if path not in flat and path.rsplit("/", 1)[-1] in _FACTORS:
             raise ValueError(f"{source}: missing adapter leaf {path!r}")
-    for path, value in flat.items():
+    for path, _value in flat.items():
         if path not in want and not _is_plain_leaf(params, path):
             raise ValueError(f"{source}: leaf {path!r} does not exist in the template (or is not trainable there)")
 
@@ -105,8 +112,9 @@ def save_adapters(path, params, *, extra_trainable=(), opt_state=None, step: int
         state["step"] = int(step)
     meta = {"adapters": adapter_meta(params), "has_opt_state": opt_state is not None, "step": step}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                   force=True)
+        ckptr.save(
+            path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+        )
     return path
 
 
@@ -127,7 +135,7 @@ def load_training_state(path, params, opt_state=None):
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         flat_meta = ckptr.metadata(path).item_metadata["state"]["adapters"]
-        for p, m in flat_meta.items():
+        for p, _m in flat_meta.items():
             if p not in adapter_state(params) and not _is_plain_leaf(params, p):
                 raise ValueError(f"{path}: leaf {p!r} does not exist in the template (or is not trainable there)")
         template = {"adapters": {p: np.zeros(m.shape, m.dtype) for p, m in flat_meta.items()}}
@@ -184,10 +192,16 @@ def peft_lora_state(
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     cfg = {
-        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
     }
     cfg.update(config)
     return state, cfg

@@ -138,8 +138,18 @@ def _init_leaf(path: str, w: jax.Array, cfg: MTLoRAConfig, key: jax.Array) -> Ad
         b = jax.random.normal(kb, b_shape, dt) / rank
     c, d = structures.init_cd(cfg.structure, kc, stack_shape + (k * rank, k * rank), dt, cfg.c_init)
     node = Adapted(
-        w=w, a=a, b=b, c=c, d=d, structure=cfg.structure, scale=alpha / rank, in_ndim=in_ndim,
-        stack_ndim=stack, dropout=cfg.dropout, slices=slices, enable=enable,
+        w=w,
+        a=a,
+        b=b,
+        c=c,
+        d=d,
+        structure=cfg.structure,
+        scale=alpha / rank,
+        in_ndim=in_ndim,
+        stack_ndim=stack,
+        dropout=cfg.dropout,
+        slices=slices,
+        enable=enable,
     )
     return node.validate(path)
 

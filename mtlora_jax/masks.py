@@ -27,8 +27,9 @@ def _mask(tree, extra: tuple, *, check: bool):
     def visit(keypath, leaf):
         if is_adapted(leaf):
             on = lambda m: None if m is None else True
-            return dataclasses.replace(leaf, w=None if leaf.w is None else False, a=on(leaf.a), b=on(leaf.b),
-                                       c=on(leaf.c), d=on(leaf.d))
+            return dataclasses.replace(
+                leaf, w=None if leaf.w is None else False, a=on(leaf.a), b=on(leaf.b), c=on(leaf.c), d=on(leaf.d)
+            )
         return paths.matches_any(patterns, paths.path_str(keypath))
 
     return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_adapted)

@@ -69,9 +69,7 @@ def transform(structure: str, c: jax.Array | None, d: jax.Array | None) -> jax.A
     if s.num_mats == 2 and c.shape != d.shape:
         raise ValueError(f"structure {structure!r}: c {c.shape} and d {d.shape} must have the same shape")
     if c is not None and c.ndim > 2:  # stacked layers: apply per leading index
-        return jnp.vectorize(lambda ci, di: s.fn(ci, di), signature="(r,r),(r,r)->(r,r)")(
-            c, c if d is None else d
-        )
+        return jnp.vectorize(lambda ci, di: s.fn(ci, di), signature="(r,r),(r,r)->(r,r)")(c, c if d is None else d)
     return s.fn(c, d)
 
 

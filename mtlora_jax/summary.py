@@ -42,5 +42,7 @@ def summary(params, extra_trainable=()) -> str:
             rows.append(f"  {path}  w{tuple(leaf.w.shape)}  {leaf.structure} r={leaf.rank}{fused}  {n:,}")
     trainable, total = count_params(params, extra_trainable)
     lines = [f"MTLoRA adapters on {len(rows)} targets:", *rows]
-    lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    lines.append(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
     return "\n".join(lines)
