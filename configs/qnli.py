@@ -1,0 +1,24 @@
+"""QNLI with MTLoRA on RoBERTa-base: the reference recipe (lr 4e-4, 25 epochs, global batch 64).
+
+Reference batch: 32 x 2 GPUs. Shared settings (r = 8, alpha = 16, AdamW, linear schedule, warmup ratio 0.06,
+weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/common.py; pick the structure with
+--config.mtlora.structure=lora|shim|icfm|ctcm|dtsm (default shim).
+
+Commands:
+  python -m train.glue --config configs/qnli.py --workdir /tmp/qnli
+  python -m train.glue --config configs/qnli.py:smoke --workdir /tmp/qnli_smoke    # 5 steps on fixtures
+  python -m train.glue --config configs/qnli.py:minilm --workdir /tmp/qnli_minilm  # MiniLM, 2-core CPU
+
+Expected dev score, accuracy: 93.3 for LoRA r = 8 on query/value of RoBERTa-base (LoRA paper, Hu et al. 2021,
+Table 2; the anchor in ../shared/REFERENCE.md). REFERENCE.md gives no per-task MTLoRA numbers for RoBERTa-base
+(the MTLoRA paper's GLUE average is for DeBERTaV3-base: LoRA 86.9 -> MTLoRA 88.9). The smoke and minilm
+variants have no expected score. QNLI is not in ../shared/data/glue (too large), so the minilm variant needs
+--config.data_dir=<GLUE folder>.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    """QNLI config; arg: None, "smoke" or "minilm" (see configs/common.py:task_config)."""
+    return common.task_config("qnli", arg, learning_rate=4e-4, num_epochs=25, batch_size=64)

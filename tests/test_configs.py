@@ -1,0 +1,246 @@
+"""Configs: every configs/<task>.py loads (default, smoke, minilm), holds the reference recipe, accepts the
+documented command-line overrides through absl config_flags, and rejects typos and bad values clearly."""
+
+import pathlib
+import re
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import configs
+from configs import common
+from train import glue_tasks
+
+CONFIGS = pathlib.Path(configs.__file__).parent
+REQUIRED = {
+    "model",
+    "task",
+    "data_dir",
+    "data_source",
+    "num_epochs",
+    "num_train_steps",
+    "batch_size",
+    "grad_accum_steps",
+    "max_length",
+    "length_buckets",
+    "learning_rate",
+    "warmup_ratio",
+    "weight_decay",
+    "seed",
+    "dtype",
+    "mesh",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "log_every_steps",
+    "init_from",
+    "max_train_examples",
+    "max_eval_examples",
+    "mtlora",
+}
+MTLORA = {"structure", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
+# ../shared/REFERENCE.md: lr, epochs, global batch (per-GPU x 2 where the reference used 2 GPUs).
+RECIPES = {
+    "mnli": (5e-4, 30, 32),
+    "sst2": (5e-4, 60, 32),
+    "cola": (4e-4, 80, 64),
+    "qnli": (4e-4, 25, 64),
+    "qqp": (5e-4, 25, 32),
+    "rte": (5e-4, 80, 32),
+    "mrpc": (4e-4, 30, 16),
+    "stsb": (4e-4, 40, 16),
+}
+
+
+def test_config_files_and_tasks_agree():
+    files = {p.stem for p in CONFIGS.glob("*.py")} - {"__init__", "common"}
+    assert files == set(RECIPES) == set(common.TASKS) == set(glue_tasks.TASKS)
+
+
+@pytest.mark.parametrize("task", sorted(RECIPES))
+@pytest.mark.parametrize("arg", [None, "smoke", "minilm"])
+def test_get_config_has_required_keys_and_validates(task, arg):
+    config = configs.get_config(task, arg)
+    assert set(config.keys()) == REQUIRED and set(config.mtlora.keys()) == MTLORA
+    assert config.task == task
+    common.validate(config)
+
+
+@pytest.mark.parametrize("task", sorted(RECIPES))
+def test_reference_recipe(task):
+    c = configs.get_config(task)
+    assert (c.learning_rate, c.num_epochs, c.batch_size) == RECIPES[task]
+    assert (c.warmup_ratio, c.weight_decay, c.max_length, c.num_train_steps) == (0.06, 0.1, 512, -1)
+    assert (c.mtlora.rank, c.mtlora.alpha, c.mtlora.targets_preset) == (8, 16.0, "mtlora-paper")
+    assert (c.model, c.data_dir, c.init_from) == ("FacebookAI/roberta-base", "", "")
+    doc = (CONFIGS / f"{task}.py").read_text()
+    assert f"python -m train.glue --config configs/{task}.py --workdir" in doc
+    assert re.search(r"Expected dev score, .*: \d+\.\d", doc)
+    assert ("--config.init_from=" in doc) == (task in ("mrpc", "rte", "stsb"))
+
+
+def test_smoke_and_minilm_are_local_and_small():
+    smoke = configs.get_config("sst2", "smoke")
+    assert pathlib.Path(smoke.data_dir, "SST-2", "train.tsv").is_file()
+    assert (smoke.num_train_steps, smoke.batch_size, smoke.max_length) == (5, 4, 32)
+    minilm = configs.get_config("rte", "minilm")
+    assert minilm.data_dir.endswith("shared/data/glue") and minilm.num_train_steps > 0
+    if common.minilm_path() != common.MINILM_HUB_ID:
+        assert pathlib.Path(smoke.model, "tokenizer.json").is_file() and minilm.model == smoke.model
+
+
+def test_locked_config_rejects_typos_and_wrong_types():
+    config = configs.get_config("cola")
+    with pytest.raises(AttributeError):
+        config.learing_rate = 1e-3
+    with pytest.raises(AttributeError):
+        config.mtlora.rnk = 4
+    with pytest.raises(TypeError):
+        config.batch_size = "big"
+
+
+def _parse(argv: list[str]) -> ml_collections.ConfigDict:
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=["glue", *argv])
+    fv(["glue", *argv])
+    return fv.config
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+@pytest.mark.parametrize("task", sorted(RECIPES))
+def test_command_line_overrides(task):
+    """The overrides of the command-line contract work on every task, with `path:arg` config files."""
+    config = _parse(
+        [
+            f"--config={CONFIGS / task}.py:smoke",
+            "--config.model=/models/x",
+            "--config.data_dir=/data/glue",
+            "--config.num_train_steps=7",
+            "--config.batch_size=8",
+            "--config.max_length=64",
+            "--config.learning_rate=1e-3",
+            "--config.seed=3",
+            "--config.mtlora.structure=lora",
+            "--config.mtlora.rank=4",
+            "--config.mtlora.alpha=8",
+        ]
+    )
+    got = (
+        config.model,
+        config.data_dir,
+        config.num_train_steps,
+        config.batch_size,
+        config.max_length,
+        config.learning_rate,
+        config.seed,
+        config.mtlora.structure,
+        config.mtlora.rank,
+        config.mtlora.alpha,
+    )
+    assert got == ("/models/x", "/data/glue", 7, 8, 64, 1e-3, 3, "lora", 4, 8.0)
+    common.validate(config)
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_command_line_typo_fails():
+    with pytest.raises(AttributeError, match='Did you mean "learning_rate"'):
+        _parse([f"--config={CONFIGS / 'sst2'}.py", "--config.learing_rate=1e-3"])
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("task", "wnli", r"config.task='wnli': expected one of cola"),
+        ("data_source", "s3", r"config.data_source='s3'"),
+        ("batch_size", 0, r"config.batch_size=0: expected > 0"),
+        ("grad_accum_steps", 3, r"config.grad_accum_steps=3: expected a positive divisor of batch_size=32"),
+        ("length_buckets", (64, -1), r"config.length_buckets=\(64, -1\)"),
+        ("warmup_ratio", 1.0, r"config.warmup_ratio=1.0: expected in \[0, 1\)"),
+        ("dtype", "float16", r"config.dtype='float16'"),
+        ("max_eval_examples", 0, r"config.max_eval_examples=0: expected -1 \(all\) or > 0"),
+        ("mtlora.structure", "diag", r"config.mtlora.structure='diag': expected one of lora, shim, icfm, ctcm, dtsm"),
+        ("mtlora.rank", 0, r"config.mtlora.rank=0"),
+        ("mtlora.targets_preset", "qkv", r"config.mtlora.targets_preset='qkv'"),
+        ("mtlora.extra_targets", ("(unclosed",), r"config.mtlora.extra_targets: '\(unclosed' is not a regex"),
+    ],
+)
+def test_validate_names_the_bad_key(key, value, match):
+    config = configs.get_config("sst2")
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=match):
+        common.validate(config)
+
+
+def test_validate_cross_field_rules():
+    config = configs.get_config("sst2")
+    config.data_source = "local"
+    with pytest.raises(ValueError, match=r"config.data_dir='': expected a GLUE folder"):
+        common.validate(config)
+    config = configs.get_config("sst2")
+    config.num_epochs = 0.0
+    with pytest.raises(ValueError, match=r"config.num_epochs=0.0: expected > 0 when num_train_steps <= 0"):
+        common.validate(config)
+    config.num_train_steps = 10
+    common.validate(config)
+    config.mesh.data = -2
+    with pytest.raises(ValueError, match=r"config.mesh"):
+        common.validate(config)
+
+
+def test_parse_arg():
+    arg = common.parse_arg("smoke,rank=4,name=x", smoke=False, minilm=False, rank=8, name="")
+    assert (arg.smoke, arg.minilm, arg.rank, arg.name) == (True, False, 4, "x")
+    assert common.parse_arg(None, smoke=False).smoke is False
+    assert common.parse_arg("smoke=false", smoke=True).smoke is False
+    with pytest.raises(ValueError, match=r"unknown config argument 'tiny'; expected one of smoke, minilm"):
+        configs.get_config("sst2", "tiny")
+    with pytest.raises(ValueError, match=r"config argument rank='four': expected a int"):
+        common.parse_arg("rank=four", rank=8)
+    with pytest.raises(ValueError, match="exclude each other"):
+        configs.get_config("sst2", "smoke,minilm")
+    with pytest.raises(ValueError, match="unknown GLUE task 'wnli'"):
+        configs.get_config("wnli")
+
+
+def test_target_presets_select_the_reference_matrices():
+    """Paths of mtlora_jax.models.encoder (unrolled layer_{i} and scanned layers)."""
+
+    def selected(preset):
+        patterns = common.resolve_targets(ml_collections.ConfigDict({"targets_preset": preset, "extra_targets": ()}))
+        return {p for p in PATHS if any(re.fullmatch(r, p) for r in patterns)}
+
+    PATHS = [
+        f"encoder/{layer}/{m}/kernel"
+        for layer in ("layer_0", "layer_11", "layers")
+        for m in (
+            "attention/query",
+            "attention/key",
+            "attention/value",
+            "attention/output/dense",
+            "intermediate/dense",
+            "output/dense",
+        )
+    ] + [
+        "classifier/dense/kernel",
+        "classifier/out_proj/kernel",
+        "pooler/dense/kernel",
+        "embeddings/word_embeddings/embedding",
+    ]
+    layers = ("layer_0", "layer_11", "layers")
+    assert selected("mtlora-paper") == {
+        f"encoder/{layer}/{m}/kernel"
+        for layer in layers
+        for m in ("attention/query", "attention/value", "intermediate/dense", "output/dense")
+    }
+    assert selected("lora-qv") == {
+        f"encoder/{layer}/attention/{m}/kernel" for layer in layers for m in ("query", "value")
+    }
+    assert selected("all-linear") == {p for p in PATHS if p.startswith("encoder/")}
+    extra = ml_collections.ConfigDict({"targets_preset": "lora-qv", "extra_targets": ("pooler/dense/kernel",)})
+    assert common.resolve_targets(extra)[-1] == "pooler/dense/kernel"
