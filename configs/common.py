@@ -19,17 +19,8 @@ TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
 STRUCTURES = ("lora", "shim", "icfm", "ctcm", "dtsm")
 DATA_SOURCES = ("auto", "local", "hf", "tfds")
 DTYPES = ("float32", "bfloat16")
-# Param-path regexes (re.fullmatch) for mtlora_jax.models.encoder paths, unrolled (encoder/layer_3/...) or
-# scanned (encoder/layers/...). "mtlora-paper" = the reference: query, value and both FFN matrices.
-_LAYER = r"encoder/(layer_\d+|layers)"
-TARGET_PRESETS = {
-    "mtlora-paper": (rf"{_LAYER}/attention/(query|value)/kernel", rf"{_LAYER}/(intermediate|output)/dense/kernel"),
-    "lora-qv": (rf"{_LAYER}/attention/(query|value)/kernel",),
-    "all-linear": (
-        rf"{_LAYER}/attention/(query|key|value)/kernel",
-        rf"{_LAYER}/(attention/output|intermediate|output)/dense/kernel",
-    ),
-}
+# Adapter target presets; the regexes per model family live in mtlora_jax.models.presets.targets(preset, family).
+TARGET_PRESETS = ("mtlora-paper", "lora-qv", "all-linear")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -99,12 +90,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mtlora.alpha = 16.0
     # Dropout on the adapter input.
     c.mtlora.dropout = 0.0
-    # Adapted weights: "mtlora-paper" (q, v, FFN in and out), "lora-qv" (q, v) or "all-linear".
+    # Adapted weights (mtlora_jax.models.presets): "mtlora-paper" (q, v, FFN in and out), "lora-qv", "all-linear".
     c.mtlora.targets_preset = "mtlora-paper"
-    # More target regexes (re.fullmatch over "/"-joined param paths), added to the preset.
+    # More target regexes (re.fullmatch over "/"-joined param paths), added to the preset's.
     c.mtlora.extra_targets = ()
-    # Non-adapter params that are trained too (the task head).
-    c.mtlora.extra_trainable = (r"classifier/.*",)
+    # More trainable non-adapter param regexes, beside the task head (mtlora_jax.models.presets.head_targets).
+    c.mtlora.extra_trainable = ()
     c.lock()
     return c
 
@@ -161,9 +152,9 @@ def task_config(task: str, arg: str | None, *, learning_rate: float, num_epochs:
         c.log_every_steps, c.max_eval_examples = 1, 8
     if variant.minilm:
         c.model, c.data_dir, c.data_source = minilm_path(), str(REPO.parent / "shared" / "data" / "glue"), "local"
-        c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 600, 32, 128, (32, 64)
-        c.eval_every_steps = c.checkpoint_every_steps = 200
-        c.log_every_steps = 20
+        c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 300, 16, 128, (32, 64)
+        c.eval_every_steps = c.checkpoint_every_steps = 100
+        c.log_every_steps = 10
     return c
 
 
@@ -225,12 +216,3 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             except (re.error, TypeError) as e:
                 raise ValueError(f"config.mtlora.{key}: {pattern!r} is not a regex ({e})") from None
     return config
-
-
-def resolve_targets(mtlora: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The target regexes of `config.mtlora`: its preset's patterns followed by `extra_targets`."""
-    if mtlora.targets_preset not in TARGET_PRESETS:
-        raise ValueError(
-            f"config.mtlora.targets_preset={mtlora.targets_preset!r}: expected one of {', '.join(TARGET_PRESETS)}"
-        )
-    return TARGET_PRESETS[mtlora.targets_preset] + tuple(mtlora.extra_targets)

@@ -208,39 +208,7 @@ def test_parse_arg():
         configs.get_config("wnli")
 
 
-def test_target_presets_select_the_reference_matrices():
-    """Paths of mtlora_jax.models.encoder (unrolled layer_{i} and scanned layers)."""
-
-    def selected(preset):
-        patterns = common.resolve_targets(ml_collections.ConfigDict({"targets_preset": preset, "extra_targets": ()}))
-        return {p for p in PATHS if any(re.fullmatch(r, p) for r in patterns)}
-
-    PATHS = [
-        f"encoder/{layer}/{m}/kernel"
-        for layer in ("layer_0", "layer_11", "layers")
-        for m in (
-            "attention/query",
-            "attention/key",
-            "attention/value",
-            "attention/output/dense",
-            "intermediate/dense",
-            "output/dense",
-        )
-    ] + [
-        "classifier/dense/kernel",
-        "classifier/out_proj/kernel",
-        "pooler/dense/kernel",
-        "embeddings/word_embeddings/embedding",
-    ]
-    layers = ("layer_0", "layer_11", "layers")
-    assert selected("mtlora-paper") == {
-        f"encoder/{layer}/{m}/kernel"
-        for layer in layers
-        for m in ("attention/query", "attention/value", "intermediate/dense", "output/dense")
-    }
-    assert selected("lora-qv") == {
-        f"encoder/{layer}/attention/{m}/kernel" for layer in layers for m in ("query", "value")
-    }
-    assert selected("all-linear") == {p for p in PATHS if p.startswith("encoder/")}
-    extra = ml_collections.ConfigDict({"targets_preset": "lora-qv", "extra_targets": ("pooler/dense/kernel",)})
-    assert common.resolve_targets(extra)[-1] == "pooler/dense/kernel"
+def test_target_presets_are_the_library_presets():
+    """configs only names presets; their regexes come from mtlora_jax.models.presets (one source of truth)."""
+    presets = pytest.importorskip("mtlora_jax.models.presets")
+    assert set(common.TARGET_PRESETS) == set(presets.PRESETS)

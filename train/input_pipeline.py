@@ -23,7 +23,6 @@ bucket and the batches are shuffled with the same generator, so batch k of epoch
 
 import dataclasses
 import math
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -56,22 +55,6 @@ class Encoded:
     def lengths(self) -> np.ndarray:
         """[n] int32 token counts."""
         return np.fromiter((len(x) for x in self.input_ids), np.int32, len(self.input_ids))
-
-
-def load_tokenizer(model: str):
-    """The HF fast tokenizer of `model` (a local folder or a hub id), failing fast when the hub is unreachable."""
-    from transformers import AutoTokenizer
-
-    if os.path.isdir(model):
-        return AutoTokenizer.from_pretrained(model)
-    if model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"config.model={model!r}: no such folder")
-    if not glue_data.hub_offline() and not glue_data.hub_reachable():
-        raise RuntimeError(f"config.model={model!r}: huggingface.co is unreachable; pass a local model folder")
-    try:
-        return AutoTokenizer.from_pretrained(model, local_files_only=glue_data.hub_offline())
-    except OSError as e:
-        raise RuntimeError(f"config.model={model!r}: tokenizer not found ({str(e)[:200]})") from e
 
 
 def encode(examples: glue_data.Examples, tokenizer, max_length: int, chunk: int = 4096) -> Encoded:
