@@ -84,13 +84,23 @@ def _bind(eqn, invals):
 
 
 def _plain(v, prim_name: str, why: str = "no factored rule"):
-    if not isinstance(v, _Lazy):
-        return v
-    warnings.warn(
-        f"mt.apply: an adapted weight {v.ad.w.shape} feeds `{prim_name}` ({why}); materializing W + dW for it",
-        stacklevel=4,
-    )
-    return v.materialize()
+    """A plain array for `v`: W + dW (with one warning naming the primitive) if `v` is lazy."""
+    return _materialize([v], prim_name, why)[0]
+
+
+def _materialize(vals, prim_name: str, why: str = "no factored rule"):
+    """Materializes every lazy value in `vals` (each distinct one once), warning once for the use."""
+    done = {}
+    for v in vals:
+        if isinstance(v, _Lazy) and id(v) not in done:
+            done[id(v)] = v.materialize()
+    if done:
+        shapes = ", ".join(str(v.ad.w.shape) for v in vals if isinstance(v, _Lazy))
+        warnings.warn(
+            f"mt.apply: adapted weight {shapes} feeds `{prim_name}` ({why}); materializing W + dW for it",
+            stacklevel=4,
+        )
+    return [done.get(id(v), v) for v in vals]
 
 
 def _eval(jaxpr, consts, args):
@@ -108,7 +118,7 @@ def _eval(jaxpr, consts, args):
             rule = _RULES.get(eqn.primitive)
             outs = rule(eqn, invals, i) if rule else None
             if outs is None:
-                outs = _bind(eqn, [_plain(v, eqn.primitive.name) for v in invals])
+                outs = _bind(eqn, _materialize(invals, eqn.primitive.name))
         else:
             outs = _bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):
@@ -117,7 +127,7 @@ def _eval(jaxpr, consts, args):
 
 
 def _eval_plain_out(jaxpr, consts, args, name):
-    return [_plain(v, name, "returned") for v in _eval(jaxpr, consts, args)]
+    return _materialize(_eval(jaxpr, consts, args), name, "returned")
 
 
 # --- rules: each returns the list of outputs, or None to fall back to materializing ------------------
@@ -258,7 +268,7 @@ def _scan(eqn, invals, i):
     p = eqn.params
     nc, ncar = p["num_consts"], p["num_carry"]
     consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
-    carry = [_plain(v, "scan", "adapted weight in the carry") for v in carry]
+    carry = _materialize(carry, "scan", "adapted weight in the carry")
     for v in xs:
         if isinstance(v, _Lazy) and not v.ad.stack_ndim:
             return None
@@ -314,15 +324,19 @@ def apply(fn, *, rng: jax.Array | None = None):
         if not any(is_adapted(leaves[i]) for i in dyn):
             return fn(*args, **kwargs)
 
+        out_info = {}
+
         def flat_fn(*vals):
             full = list(leaves)
             for i, v in zip(dyn, vals, strict=True):
                 full[i] = v
             a, k = jax.tree.unflatten(treedef, full)
-            return fn(*a, **k)
+            out_leaves, out_info["tree"] = jax.tree.flatten(fn(*a, **k))
+            out_info["static"] = [None if _is_dynamic(o) else o for o in out_leaves]
+            return [o for o in out_leaves if _is_dynamic(o)]
 
         stand_ins = [leaves[i].w if is_adapted(leaves[i]) else leaves[i] for i in dyn]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*stand_ins)
+        closed = jax.make_jaxpr(flat_fn)(*stand_ins)
         vals, n_adapted = [], 0
         for i in dyn:
             leaf = leaves[i]
@@ -337,7 +351,8 @@ def apply(fn, *, rng: jax.Array | None = None):
                 n_adapted += 1
                 leaf = _Lazy.of(leaf, key)
             vals.append(leaf)
-        outs = _eval_plain_out(closed.jaxpr, closed.consts, vals, "output")
-        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+        outs = iter(_eval_plain_out(closed.jaxpr, closed.consts, vals, "output"))
+        static = out_info["static"]
+        return jax.tree.unflatten(out_info["tree"], [next(outs) if o is None else o for o in static])
 
     return wrapped

@@ -38,15 +38,15 @@ def adapter_meta(params) -> dict[str, dict]:
     meta = {}
     for path, ad in paths.named_leaves(params):
         if is_adapted(ad):
-            meta[path] = {
+            meta[path] = {  # checked in this order: the most telling difference is named first
                 "structure": ad.structure,
-                "scale": ad.scale,
                 "rank": ad.rank,
-                "in_ndim": ad.in_ndim,
-                "stack_ndim": ad.stack_ndim,
                 "slices": ad.slices,
                 "enable": list(ad.enable),
                 "w_shape": list(ad.w.shape),
+                "in_ndim": ad.in_ndim,
+                "stack_ndim": ad.stack_ndim,
+                "scale": ad.scale,
             }
     return meta
 
@@ -59,15 +59,7 @@ def restore_adapter_state(params, flat: dict, meta: dict | None = None, *, sourc
         whose structure/rank/scale differs from the template.
     """
     want = adapter_state(params)
-    expected_meta = adapter_meta(params)
-    for path, m in (meta or {}).items():
-        if path not in expected_meta:
-            raise ValueError(f"{source}: adapter {path!r} is not adapted in the template")
-        for k, v in m.items():
-            if expected_meta[path][k] != v:
-                raise ValueError(
-                    f"{source}: adapter {path!r} has {k}={v!r}, the template has {expected_meta[path][k]!r}"
-                )
+    _check_meta(params, meta or {}, source)
     for path in want:
         if path not in flat and path.rsplit("/", 1)[-1] in _FACTORS:
             raise ValueError(f"{source}: missing adapter leaf {path!r}")
@@ -85,6 +77,17 @@ def restore_adapter_state(params, flat: dict, meta: dict | None = None, *, sourc
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_adapted)
 
 
+def _check_meta(params, meta: dict, source: str) -> None:
+    """Each saved adapter must exist in the template with the same structure, rank, scale and layout."""
+    expected = adapter_meta(params)
+    for path, m in meta.items():
+        if path not in expected:
+            raise ValueError(f"{source}: adapter {path!r} is not adapted in the template")
+        for k, v in m.items():
+            if expected[path][k] != v:
+                raise ValueError(f"{source}: adapter {path!r} has {k}={v!r}, the template has {expected[path][k]!r}")
+
+
 def _is_plain_leaf(params, path: str) -> bool:
     return any(p == path and not is_adapted(x) for p, x in paths.named_leaves(params))
 
@@ -98,6 +101,17 @@ def _take(flat, path, like, source):
     return jax.numpy.asarray(value, dtype=like.dtype)
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    """A composite checkpointer with items "adapters", "opt_state" (Standard) and "meta" (JSON)."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in ("adapters", "opt_state"):
+        registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+        registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+    registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+
+
 def save_adapters(path, params, *, extra_trainable=(), opt_state=None, step: int | None = None) -> str:
     """Writes adapters (+ extra trainable leaves, optimizer state, step) to folder `path` with Orbax.
 
@@ -105,16 +119,18 @@ def save_adapters(path, params, *, extra_trainable=(), opt_state=None, step: int
       The absolute path written. An existing checkpoint at `path` is replaced.
     """
     path = os.path.abspath(os.fspath(path))
-    state = {"adapters": adapter_state(params, extra_trainable)}
+    flat = adapter_state(params, extra_trainable)
+    meta = {
+        "adapters": adapter_meta(params),
+        "arrays": {p: [list(v.shape), str(v.dtype)] for p, v in flat.items()},
+        "has_opt_state": opt_state is not None,
+        "step": None if step is None else int(step),
+    }
+    items = {"adapters": ocp.args.StandardSave(flat), "meta": ocp.args.JsonSave(meta)}
     if opt_state is not None:
-        state["opt_state"] = opt_state
-    if step is not None:
-        state["step"] = int(step)
-    meta = {"adapters": adapter_meta(params), "has_opt_state": opt_state is not None, "step": step}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(
-            path, ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
-        )
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    with _checkpointer() as ckptr:
+        ckptr.save(path, ocp.args.Composite(**items), force=True)
     return path
 
 
@@ -132,22 +148,21 @@ def load_training_state(path, params, opt_state=None):
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no adapter checkpoint at {path}")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _checkpointer() as ckptr:
         meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        flat_meta = ckptr.metadata(path).item_metadata["state"]["adapters"]
-        for p, _m in flat_meta.items():
-            if p not in adapter_state(params) and not _is_plain_leaf(params, p):
+        _check_meta(params, meta["adapters"], path)
+        trainable = adapter_state(params)
+        for p in meta["arrays"]:
+            if p not in trainable and not _is_plain_leaf(params, p):
                 raise ValueError(f"{path}: leaf {p!r} does not exist in the template (or is not trainable there)")
-        template = {"adapters": {p: np.zeros(m.shape, m.dtype) for p, m in flat_meta.items()}}
+        flat = {p: jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for p, (shape, dtype) in meta["arrays"].items()}
+        items = {"adapters": ocp.args.StandardRestore(flat)}
         want_opt = opt_state is not None and meta["has_opt_state"]
         if want_opt:
-            template["opt_state"] = opt_state
-        if meta.get("step") is not None:
-            template["step"] = 0
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        state = ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-    params = restore_adapter_state(params, state["adapters"], meta["adapters"], source=path)
-    return params, state.get("opt_state") if want_opt else None, state.get("step")
+            items["opt_state"] = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, opt_state))
+        restored = ckptr.restore(path, ocp.args.Composite(**items))
+    params = restore_adapter_state(params, restored["adapters"], meta["adapters"], source=path)
+    return params, restored["opt_state"] if want_opt else None, meta["step"]
 
 
 def load_adapters(path, params):
