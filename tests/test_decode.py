@@ -100,7 +100,7 @@ def np_beam_search(params, prompt, num_beams, max_new, length_penalty, ngram, eo
         for total, toks in running:
             logp = np_logprobs(params, list(prompt) + toks)
             cands += [(total + logp[w], toks + [w]) for w in range(VOCAB) if not repeats_ngram(toks + [w], ngram)]
-        cands = sorted(cands, key=lambda c: -c[0])[: 2 * num_beams]
+        cands = sorted(cands, key=lambda c: -c[0])[: max(2, 1 + len(eos_ids)) * num_beams]
         running = []
         for rank, (total, toks) in enumerate(cands):
             if toks[-1] in eos_ids:
@@ -143,8 +143,17 @@ def test_greedy_matches_numpy(ngram):
     params = toy_params(1)
     prompts = [[1, 2, 3], [2], [3, 1]]
     ids, mask = left_pad(prompts)
-    fn = jax.jit(functools.partial(decode.greedy_search, toy_step, max_new_tokens=6, eos_ids=(EOS,),
-                                   pad_id=PAD, init_cache=toy_init_cache, no_repeat_ngram_size=ngram))
+    fn = jax.jit(
+        functools.partial(
+            decode.greedy_search,
+            toy_step,
+            max_new_tokens=6,
+            eos_ids=(EOS,),
+            pad_id=PAD,
+            init_cache=toy_init_cache,
+            no_repeat_ngram_size=ngram,
+        )
+    )
     got = np.asarray(fn(params, ids, mask))
     for r, p in enumerate(prompts):
         assert got[r].tolist() == np_greedy(params, p, 6, ngram)
@@ -156,9 +165,19 @@ def test_beam_search_equals_exhaustive_search(length_penalty, ngram):
     max_new = 4
     prompts = [[1, 2], [3]]
     ids, mask = left_pad(prompts)
-    search = jax.jit(functools.partial(
-        decode.beam_search, toy_step, num_beams=VOCAB**max_new, max_new_tokens=max_new, eos_ids=(EOS,),
-        pad_id=PAD, length_penalty=length_penalty, no_repeat_ngram_size=ngram, init_cache=toy_init_cache))
+    search = jax.jit(
+        functools.partial(
+            decode.beam_search,
+            toy_step,
+            num_beams=VOCAB**max_new,
+            max_new_tokens=max_new,
+            eos_ids=(EOS,),
+            pad_id=PAD,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=ngram,
+            init_cache=toy_init_cache,
+        )
+    )
     for seed in range(3):
         params = toy_params(seed + 10)
         result = search(params, ids, mask)
@@ -171,22 +190,37 @@ def test_beam_search_equals_exhaustive_search(length_penalty, ngram):
             assert np.all(scores[:-1] >= scores[1:])  # best first
 
 
-@pytest.mark.parametrize("num_beams,length_penalty", [(2, 0.8), (3, 0.0), (3, 1.5)])
-def test_beam_search_matches_python_reference(num_beams, length_penalty):
+@pytest.mark.parametrize(
+    "num_beams,length_penalty,eos_ids",
+    [(2, 0.8, (EOS, 1)), (3, 0.0, (EOS,)), (3, 1.5, (EOS, 1)), (2, 1.0, (EOS, 1, 2))],
+)
+def test_beam_search_matches_python_reference(num_beams, length_penalty, eos_ids):
     """Small beams prune as the plain-Python reference does: all k finished hypotheses and scores agree."""
     prompts = [[1, 2, 3], [2]]
     ids, mask = left_pad(prompts)
-    search = jax.jit(functools.partial(
-        decode.beam_search, toy_step, num_beams=num_beams, max_new_tokens=7, eos_ids=(EOS, 1), pad_id=PAD,
-        length_penalty=length_penalty, no_repeat_ngram_size=2, init_cache=toy_init_cache))
+    search = jax.jit(
+        functools.partial(
+            decode.beam_search,
+            toy_step,
+            num_beams=num_beams,
+            max_new_tokens=7,
+            eos_ids=eos_ids,
+            pad_id=PAD,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=2,
+            init_cache=toy_init_cache,
+        )
+    )
     for seed in range(3):
         params = toy_params(seed + 30)
+        # Favour the eos ids, so that often more than k of the top candidates end.
+        params["pos"] = params["pos"].at[:, list(eos_ids)].add(1.5)
         result = search(params, ids, mask)
         for r, p in enumerate(prompts):
-            want = np_beam_search(params, p, num_beams, 7, length_penalty, 2, (EOS, 1))
+            want = np_beam_search(params, p, num_beams, 7, length_penalty, 2, eos_ids)
             for j, (score, toks) in enumerate(want):
                 assert np.asarray(result.tokens[r, j]).tolist() == toks + [PAD] * (7 - len(toks)), (seed, r, j)
-                np.testing.assert_allclose(float(result.scores[r, j]), score, rtol=1e-5)
+                np.testing.assert_allclose(float(result.scores[r, j]), score, rtol=1e-5, atol=1e-6)
 
 
 def test_beam_one_equals_greedy():
@@ -209,13 +243,18 @@ def test_cached_decoding_equals_uncached(num_beams):
     ids, mask = left_pad([[1, 2, 3, 1], [2], [3, 3]])
     kw = dict(max_new_tokens=7, eos_ids=(EOS,), pad_id=PAD, no_repeat_ngram_size=2)
     if num_beams == 1:
-        cached, plain = (jax.jit(functools.partial(decode.greedy_search, toy_step, init_cache=c, **kw))
-                         for c in (toy_init_cache, None))
+        cached, plain = (
+            jax.jit(functools.partial(decode.greedy_search, toy_step, init_cache=c, **kw))
+            for c in (toy_init_cache, None)
+        )
         np.testing.assert_array_equal(np.asarray(cached(params, ids, mask)), np.asarray(plain(params, ids, mask)))
         return
-    cached, plain = (jax.jit(functools.partial(decode.beam_search, toy_step, num_beams=num_beams,
-                                               length_penalty=0.8, init_cache=c, **kw))
-                     for c in (toy_init_cache, None))
+    cached, plain = (
+        jax.jit(
+            functools.partial(decode.beam_search, toy_step, num_beams=num_beams, length_penalty=0.8, init_cache=c, **kw)
+        )
+        for c in (toy_init_cache, None)
+    )
     b_cached, b_plain = cached(params, ids, mask), plain(params, ids, mask)
     np.testing.assert_array_equal(np.asarray(b_cached.tokens), np.asarray(b_plain.tokens))
     np.testing.assert_allclose(np.asarray(b_cached.scores), np.asarray(b_plain.scores), rtol=1e-6)
@@ -225,11 +264,60 @@ def test_batched_beam_search_equals_one_prompt_at_a_time():
     """Left padding and batching do not change any row's beams (two eos ids)."""
     params = toy_params(4)
     prompts = [[1, 2, 3, 1], [2]]
-    search = jax.jit(functools.partial(
-        decode.beam_search, toy_step, num_beams=3, max_new_tokens=6, eos_ids=(EOS, 3), pad_id=PAD,
-        length_penalty=0.9, no_repeat_ngram_size=2, init_cache=toy_init_cache))
+    search = jax.jit(
+        functools.partial(
+            decode.beam_search,
+            toy_step,
+            num_beams=3,
+            max_new_tokens=6,
+            eos_ids=(EOS, 3),
+            pad_id=PAD,
+            length_penalty=0.9,
+            no_repeat_ngram_size=2,
+            init_cache=toy_init_cache,
+        )
+    )
     batched = search(params, *left_pad(prompts))
     for r, p in enumerate(prompts):
         single = search(params, *left_pad([p]))
         np.testing.assert_array_equal(np.asarray(batched.tokens[r]), np.asarray(single.tokens[0]))
         np.testing.assert_allclose(np.asarray(batched.scores[r]), np.asarray(single.scores[0]), rtol=1e-6)
+
+
+def tiny_decoder(family):
+    from mtlora_jax import models
+
+    if family == "gpt2":
+        cfg = models.GPT2Config(
+            vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_positions=32
+        )
+        return models.GPT2(cfg)
+    cfg = models.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=4,
+        intermediate_size=32,
+        max_positions=32,
+    )
+    return models.Llama(cfg)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_real_decoder_cached_equals_uncached(family):
+    """A tiny random GPT-2 / Llama from mtlora_jax.models: KV-cache decoding == full recomputation."""
+    module = tiny_decoder(family)
+    ids, mask = left_pad([[5, 9, 3, 7, 1], [2, 30], [11, 12, 13]])
+    params = jax.jit(module.init)(jax.random.key(0), ids, mask)["params"]
+    params = jax.tree.map(lambda x: 8 * x, params)  # sharper, more varied next-token distributions
+    step = decode.model_step(module.apply)
+    kw = dict(num_beams=3, max_new_tokens=6, eos_ids=(EOS,), pad_id=PAD, length_penalty=0.8, no_repeat_ngram_size=2)
+    with jax.default_matmul_precision("float32"):
+        cached = jax.jit(functools.partial(decode.beam_search, step, init_cache=decode.model_init_cache(module), **kw))
+        plain = jax.jit(functools.partial(decode.beam_search, step, init_cache=None, **kw))
+        got, want = cached(params, ids, mask), plain(params, ids, mask)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-4)
+    assert len({tuple(r) for r in np.asarray(got.tokens[:, 0]).tolist()}) > 1  # rows differ: not a constant model

@@ -12,8 +12,8 @@ step writes at its own cache index. Without a cache (`init_cache=None`), every c
 reference that the cached path must equal. Every array leaf of a cache has the batch as axis 0, so beams
 are reordered with `tree_map(lambda x: x[rows], cache)`.
 
-Beam search follows Hugging Face's `num_beams` semantics: each step keeps the 2k best (beam, token)
-continuations of the k running beams; an end-of-sequence continuation among the top k becomes a finished
+Beam search follows Hugging Face's `num_beams` semantics: each step ranks the max(2, 1 + #eos) * k best
+(beam, token) continuations of the k running beams; an end-of-sequence continuation among the top k becomes a finished
 hypothesis scored `sum_logprobs / generated_len ** length_penalty` (generated_len counts the eos); the k
 best non-eos continuations keep running; a batch row is done once it holds k finished hypotheses and no
 running beam can still beat the worst of them (an exact bound, so stopping early never changes the result);
@@ -222,13 +222,15 @@ def beam_search(
         logp = _next_logprobs(logits, generated, i, no_repeat_ngram_size)  # [b*k, V]
         vocab = logp.shape[-1]
         cand = (run_scores[:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
-        top_scores, top_idx = lax.top_k(cand, 2 * k)  # [b, 2k]
-        parent, token = top_idx // vocab, top_idx % vocab  # [b, 2k]
+        # Enough candidates that k are not eos even if every beam ranks all eos ids on top (HF's rule).
+        n_cand = min(max(2, 1 + len(eos_ids)) * k, k * vocab)
+        top_scores, top_idx = lax.top_k(cand, n_cand)  # [b, c]
+        parent, token = top_idx // vocab, top_idx % vocab  # [b, c]
         eos = _is_eos(token, eos_ids)
         # Finished: eos continuations ranked in the top k, scored with the length penalty.
         parent_gen = jnp.take_along_axis(generated.reshape(b, k, t_max), parent[:, :, None], axis=1)
-        cand_gen = jnp.where(jnp.arange(t_max) == i, token[:, :, None], parent_gen)  # [b, 2k, T]
-        new_fin = eos & (jnp.arange(2 * k) < k)[None, :] & ~done[:, None]
+        cand_gen = jnp.where(jnp.arange(t_max) == i, token[:, :, None], parent_gen)  # [b, c, T]
+        new_fin = eos & (jnp.arange(n_cand) < k)[None, :] & ~done[:, None]
         new_fin_scores = jnp.where(new_fin, top_scores / _length_norm(i + 1, length_penalty), -jnp.inf)
         fin_scores, fin_tokens = _top_k_merge(fin_scores, fin_tokens, new_fin_scores, cand_gen, k)
         # Running: the k best non-eos continuations; reorder rows of the window and the cache.
@@ -275,3 +277,31 @@ def tokens_to_texts(decode_fn: Callable[[list[int]], str], tokens, stop_ids: Seq
         text = decode_fn(row[: ends[0]] if ends else row)
         out.append(text.split("<|endoftext|>")[0].split("\n\n")[0].strip())
     return out
+
+
+def model_step(apply_fn: Callable[..., Any]) -> StepFn:
+    """The step function of an mtlora_jax.models decoder (GPT-2, Llama).
+
+    Args:
+      apply_fn: `module.apply`, or `mt.apply(module.apply)` for adapted params; called as
+        `apply_fn({"params": params}, input_ids [n, t], attention_mask [n, t], cache=cache)`.
+
+    Returns:
+      step(params, tokens, mask [n, S], cache): the model's attention_mask covers only the fed tokens,
+      read from the window mask at the cache's write index (its cache keeps the mask of earlier slots).
+    """
+
+    def step(params, tokens, mask, cache):
+        if cache is None:
+            return apply_fn({"params": params}, tokens, mask), None
+        fed = lax.dynamic_slice_in_dim(mask, cache["index"][0], tokens.shape[1], axis=1)  # [n, t]
+        return apply_fn({"params": params}, tokens, fed, cache=cache)
+
+    return step
+
+
+def model_init_cache(module: Any, dtype: Any = jnp.float32) -> InitCacheFn:
+    """`init_cache(n, max_length)` for an mtlora_jax.models decoder, k/v stored in `dtype`."""
+    from mtlora_jax import models
+
+    return lambda n, max_length: models.init_cache(module, n, max_length, dtype=dtype)
