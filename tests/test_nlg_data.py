@@ -24,8 +24,9 @@ def gpt2_tokenizer():
     tok = tokenizers.Tokenizer(bpe)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                                bos_token="<|endoftext|>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
 
 
 def test_e2e_loader_groups_lines_by_meaning_representation(fixtures):
@@ -37,10 +38,15 @@ def test_e2e_loader_groups_lines_by_meaning_representation(fixtures):
     ev = nlg_data.group_references(examples)
     assert ev.contexts == (blue, clowns)
     assert ev.references == (
-        ("A coffee shop in the city centre area called Blue Spice .", "Blue Spice is a coffee shop in city centre .",
-         "There is a coffee shop called Blue Spice in the city centre ."),
-        ("Clowns is a coffee shop near All Bar One with a customer rating of 3 out of 5 .",
-         "Near All Bar One is Clowns , a 3 star coffee shop ."),
+        (
+            "A coffee shop in the city centre area called Blue Spice .",
+            "Blue Spice is a coffee shop in city centre .",
+            "There is a coffee shop called Blue Spice in the city centre .",
+        ),
+        (
+            "Clowns is a coffee shop near All Bar One with a customer rating of 3 out of 5 .",
+            "Near All Bar One is Clowns , a 3 star coffee shop .",
+        ),
     )
     assert nlg_data.group_references(examples, max_inputs=1).contexts == (blue,)
     train = nlg_data.load_split("e2e", fixtures / "nlg", "train")  # found in the e2e/ sub-folder
@@ -58,8 +64,11 @@ def test_webnlg_loader_linearizes_triples_and_splits_seen_unseen(fixtures):
     train = nlg_data.load_split("webnlg", fixtures / "nlg", "train")
     assert [(e.context, e.target, e.category) for e in train] == [
         ('Aarhus_Airport : cityServed : "Aarhus, Denmark"', "The Aarhus is the airport of Aarhus, Denmark.", "Airport"),
-        ("Ajoblanco : country : Spain | Spain : leaderName : Felipe_VI_of_Spain",
-         "Ajoblanco is from Spain, where Felipe VI is the leader.", "Food"),
+        (
+            "Ajoblanco : country : Spain | Spain : leaderName : Felipe_VI_of_Spain",
+            "Ajoblanco is from Spain, where Felipe VI is the leader.",
+            "Food",
+        ),
     ]  # the "toFix" lexicalisation is dropped, as in LoRA
     seen = nlg_data.seen_categories(train)
     assert seen == {"Airport", "Food"}
@@ -120,8 +129,9 @@ def test_gpt2_layout_matches_lora_encoding(fixtures, gpt2_tokenizer):
     assert got == ((), (50256,), 50256, 50256, (50256, 628))
     ex = nlg_data.load_split("e2e", fixtures / "nlg" / "e2e", "test")[0]
     encode = lambda s: gpt2_tokenizer.encode(s, add_special_tokens=False)
-    tokens, n_context = nlg_data.encode_example(encode, ex.context, ex.target, separator=fmt.separator,
-                                                eos_id=fmt.eos_id, prefix=fmt.prefix)
+    tokens, n_context = nlg_data.encode_example(
+        encode, ex.context, ex.target, separator=fmt.separator, eos_id=fmt.eos_id, prefix=fmt.prefix
+    )
     want_context = encode(ex.context) + [50256]
     assert tokens == want_context + encode(" " + ex.target) + [50256]
     assert n_context == len(want_context)
@@ -130,8 +140,10 @@ def test_gpt2_layout_matches_lora_encoding(fixtures, gpt2_tokenizer):
 
 def test_lm_batch_puts_loss_on_target_tokens_only():
     encode = lambda s: [ord(c) for c in s]
-    pairs = [nlg_data.encode_example(encode, "ab", "xyz", separator=[1], eos_id=2),
-             nlg_data.encode_example(encode, "abcd", "x", separator=[1], eos_id=2, prefix=[3])]
+    pairs = [
+        nlg_data.encode_example(encode, "ab", "xyz", separator=[1], eos_id=2),
+        nlg_data.encode_example(encode, "abcd", "x", separator=[1], eos_id=2, prefix=[3]),
+    ]
     batch = nlg_data.make_lm_batch(pairs, seq_len=8, pad_id=0)
     a, b, x, y, z, c, d = map(ord, "abxyzcd")
     np.testing.assert_array_equal(batch["input_ids"], [[a, b, 1, 32, x, y, z, 0], [3, a, b, c, d, 1, 32, x]])

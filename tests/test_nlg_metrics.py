@@ -15,8 +15,11 @@ HYPS = ["the cat sat on the mat today", "a dog is in the big garden", "the blue 
 REFS = [
     ["the cat sat on the mat", "today a cat was sitting on the mat"],
     ["the dog is in the garden"],
-    ["blue spice is a coffee shop in the city centre", "there is a coffee shop in town called blue spice",
-     "the blue spice coffee shop is in town"],
+    [
+        "blue spice is a coffee shop in the city centre",
+        "there is a coffee shop in town called blue spice",
+        "the blue spice coffee shop is in town",
+    ],
 ]
 
 
@@ -99,8 +102,11 @@ def test_nist_matches_doddington_formula_with_one_reference():
     info = lambda g: math.log2((counts[g[:-1]] if len(g) > 1 else n_words) / counts[g])
     score = 0.0
     for n in range(1, 6):
-        num = sum(info(g) * k for h, (r,) in zip(HYPS, refs, strict=True)
-                  for g, k in (ngrams(h.split(), n) & ngrams(r.split(), n)).items())
+        num = sum(
+            info(g) * k
+            for h, (r,) in zip(HYPS, refs, strict=True)
+            for g, k in (ngrams(h.split(), n) & ngrams(r.split(), n)).items()
+        )
         score += num / sum(max(len(h.split()) - n + 1, 0) for h in HYPS)
     ratio = sum(len(h.split()) for h in HYPS) / n_words
     score *= math.exp(math.log(0.5) / math.log(1.5) ** 2 * math.log(min(ratio, 1.0)) ** 2)
@@ -111,8 +117,9 @@ def test_cider_matches_cider_d_formula():
     """CIDEr-D (Vedantam et al.): tf-idf n-gram vectors (idf over the reference sets), clipped cosine with a
     Gaussian length penalty (sigma 6), mean over n = 1..4 and over references, times 10, mean over inputs."""
     n_docs = len(REFS)
-    df = collections.Counter(g for rs in REFS for g in {g for r in rs for n in range(1, 5)
-                                                        for g in ngrams(r.split(), n)})
+    df = collections.Counter(
+        g for rs in REFS for g in {g for r in rs for n in range(1, 5) for g in ngrams(r.split(), n)}
+    )
 
     def vec(words, n):
         return {g: k * (math.log(n_docs) - math.log(max(1.0, df[g]))) for g, k in ngrams(words, n).items()}
@@ -151,11 +158,13 @@ def test_meteor_without_java_says_so(monkeypatch):
 
 def test_webnlg_metrics_split_seen_and_unseen_after_lora_tokenization(monkeypatch):
     calls = []
-    monkeypatch.setattr(nlg_metrics, "meteor", lambda h, r, subsets: calls.append((h, r, subsets)) or
-                        {k: 0.5 for k in subsets})
+    monkeypatch.setattr(
+        nlg_metrics, "meteor", lambda h, r, subsets: calls.append((h, r, subsets)) or {k: 0.5 for k in subsets}
+    )
     hyps = ["The Cat, sat.", "A dog is in the garden", "Blue Spice is a coffee shop"]
-    got = nlg_metrics.compute_metrics("webnlg", hyps, REFS, ["Airport", "Artist", "Food"],
-                                      seen=frozenset({"Airport", "Food"}))
+    got = nlg_metrics.compute_metrics(
+        "webnlg", hyps, REFS, ["Airport", "Artist", "Food"], seen=frozenset({"Airport", "Food"})
+    )
     tokenized = ["the cat , sat .", "a dog is in the garden", "blue spice is a coffee shop"]
     assert calls[0][0] == tokenized
     assert calls[0][2] == {"all": [0, 1, 2], "seen": [0, 2], "unseen": [1]}
@@ -169,8 +178,9 @@ def test_webnlg_metrics_split_seen_and_unseen_after_lora_tokenization(monkeypatc
 
 
 def test_write_outputs(tmp_path):
-    nlg_metrics.write_outputs(tmp_path / "eval", "test", ["c1", "c2"], ["h1", "h 2\n"], [["r1", "r2"], ["r3"]],
-                              {"BLEU": 1.0})
+    nlg_metrics.write_outputs(
+        tmp_path / "eval", "test", ["c1", "c2"], ["h1", "h 2\n"], [["r1", "r2"], ["r3"]], {"BLEU": 1.0}
+    )
     assert (tmp_path / "eval" / "test.predictions.txt").read_text() == "h1\nh 2\n"
     assert (tmp_path / "eval" / "test.references.txt").read_text() == "r1\nr2\n\nr3\n\n"
     rows = [json.loads(x) for x in (tmp_path / "eval" / "test.jsonl").read_text().splitlines()]

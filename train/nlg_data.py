@@ -35,10 +35,20 @@ FILES = {
 SUBDIRS = {"e2e": "e2e", "webnlg": "webnlg_challenge_2017", "dart": "dart"}
 SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
 # The 10 WebNLG 2017 training categories (documentation; seen_categories() derives them from train.json).
-WEBNLG_SEEN_CATEGORIES = frozenset({
-    "Airport", "Astronaut", "Building", "City", "ComicsCharacter",
-    "Food", "Monument", "SportsTeam", "University", "WrittenWork",
-})
+WEBNLG_SEEN_CATEGORIES = frozenset(
+    {
+        "Airport",
+        "Astronaut",
+        "Building",
+        "City",
+        "ComicsCharacter",
+        "Food",
+        "Monument",
+        "SportsTeam",
+        "University",
+        "WrittenWork",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +97,11 @@ def read_webnlg(path: pathlib.Path) -> list[Example]:
         (entry,) = wrapper.values()
         triples = [(t["subject"], t["property"], t["object"]) for t in entry["modifiedtripleset"]]
         context = linearize_triples(triples)
-        out += [Example(context, lex["lex"].strip(), group, entry["category"])
-                for lex in entry["lexicalisations"] if lex["comment"] == "good"]
+        out += [
+            Example(context, lex["lex"].strip(), group, entry["category"])
+            for lex in entry["lexicalisations"]
+            if lex["comment"] == "good"
+        ]
     return out
 
 
@@ -110,12 +123,17 @@ def _dart_entries(path: pathlib.Path):
 
 def read_dart(path: pathlib.Path) -> list[Example]:
     """DART json list of {"tripleset", "annotations": [{"source", "text"}]}, or the official XML."""
-    return [Example(linearize_triples(triples, lower_property=True), text, group)
-            for group, (triples, texts) in enumerate(_dart_entries(pathlib.Path(path))) for text in texts]
+    return [
+        Example(linearize_triples(triples, lower_property=True), text, group)
+        for group, (triples, texts) in enumerate(_dart_entries(pathlib.Path(path)))
+        for text in texts
+    ]
 
 
 READERS: dict[str, Callable[[pathlib.Path], list[Example]]] = {
-    "e2e": read_e2e, "webnlg": read_webnlg, "dart": read_dart,
+    "e2e": read_e2e,
+    "webnlg": read_webnlg,
+    "dart": read_dart,
 }
 
 
@@ -186,14 +204,22 @@ def token_format(tokenizer) -> TokenFormat:
     )
 
 
-def encode_prompt(encode: Callable[[str], list[int]], context: str, *, separator: Sequence[int],
-                  prefix: Sequence[int] = ()) -> list[int]:
+def encode_prompt(
+    encode: Callable[[str], list[int]], context: str, *, separator: Sequence[int], prefix: Sequence[int] = ()
+) -> list[int]:
     """prefix + encode(context) + separator: the tokens the model continues from."""
     return [*prefix, *encode(context), *separator]
 
 
-def encode_example(encode: Callable[[str], list[int]], context: str, target: str, *, separator: Sequence[int],
-                   eos_id: int, prefix: Sequence[int] = ()) -> tuple[list[int], int]:
+def encode_example(
+    encode: Callable[[str], list[int]],
+    context: str,
+    target: str,
+    *,
+    separator: Sequence[int],
+    eos_id: int,
+    prefix: Sequence[int] = (),
+) -> tuple[list[int], int]:
     """(tokens, n_context): prompt + encode(" " + target) + [eos]; the first n_context tokens get no loss."""
     prompt = encode_prompt(encode, context, separator=separator, prefix=prefix)
     return prompt + [*encode(" " + target), eos_id], len(prompt)

@@ -26,8 +26,11 @@ import numpy as np
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-METRICS = {"e2e": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"), "webnlg": ("BLEU", "METEOR", "TER", "ROUGE_L"),
-           "dart": ("BLEU", "METEOR", "TER", "ROUGE_L")}
+METRICS = {
+    "e2e": ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"),
+    "webnlg": ("BLEU", "METEOR", "TER", "ROUGE_L"),
+    "dart": ("BLEU", "METEOR", "TER", "ROUGE_L"),
+}
 # Tokens the PTB tokenizer of the COCO caption scripts drops before CIDEr.
 _PUNCT = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", "(", ")", '"'}
 _TOKENIZE_13A = Tokenizer13a()
@@ -80,8 +83,9 @@ def cider(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     return float(Cider().compute_score(gts, res)[0])
 
 
-def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]],
-           subsets: dict[str, Sequence[int]] | None = None) -> dict[str, float | str]:
+def meteor(
+    hyps: Sequence[str], refs: Sequence[Sequence[str]], subsets: dict[str, Sequence[int]] | None = None
+) -> dict[str, float | str]:
     """Corpus METEOR 1.5 of each subset of inputs (default {"all": every input}), from one JVM.
 
     Returns:
@@ -96,8 +100,19 @@ def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]],
     if java is None:
         return dict.fromkeys(subsets, "unavailable: java not found on PATH (METEOR 1.5 runs on the JVM)")
     folder = pathlib.Path(meteor_module.__file__).parent
-    cmd = [java, "-Dfile.encoding=UTF-8", "-Xmx2G", "-jar", meteor_module.METEOR_JAR, "-", "-", "-stdio", "-l", "en",
-           "-norm"]
+    cmd = [
+        java,
+        "-Dfile.encoding=UTF-8",
+        "-Xmx2G",
+        "-jar",
+        meteor_module.METEOR_JAR,
+        "-",
+        "-",
+        "-stdio",
+        "-l",
+        "en",
+        "-norm",
+    ]
     try:
         return _run_meteor(cmd, folder, hyps, refs, subsets)
     except (OSError, RuntimeError, ValueError) as e:
@@ -107,8 +122,15 @@ def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]],
 def _run_meteor(cmd, folder, hyps, refs, subsets):
     """Talk to `meteor-1.5.jar -stdio`: one SCORE line per input, then one EVAL line per subset."""
     flat = lambda s: " ".join(s.replace("|||", "").split())  # one line, no field separator
-    proc = subprocess.Popen(cmd, cwd=folder, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, encoding="utf8")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=folder,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        encoding="utf8",
+    )
 
     def ask(line, n_answers=1):
         proc.stdin.write(line + "\n")
@@ -124,8 +146,11 @@ def _run_meteor(cmd, folder, hyps, refs, subsets):
         for name, idx in subsets.items():
             idx = list(idx)
             # EVAL answers one line per input, then the corpus score.
-            out[name] = float(ask(" ||| ".join(["EVAL", *(stats[i] for i in idx)]), len(idx) + 1)) if idx else (
-                "unavailable: no inputs")
+            out[name] = (
+                float(ask(" ||| ".join(["EVAL", *(stats[i] for i in idx)]), len(idx) + 1))
+                if idx
+                else ("unavailable: no inputs")
+            )
         return out
     finally:
         proc.kill()
@@ -139,13 +164,20 @@ def _scores(task, hyps, refs, subsets):
     out = {}
     for name, idx in subsets.items():
         h, r = [hyps[i] for i in idx], [refs[i] for i in idx]
-        out[name] = {m: (met[name] if m == "METEOR" else fns[m](h, r)) if idx else "unavailable: no inputs"
-                     for m in METRICS[task]}
+        out[name] = {
+            m: (met[name] if m == "METEOR" else fns[m](h, r)) if idx else "unavailable: no inputs"
+            for m in METRICS[task]
+        }
     return out
 
 
-def compute_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]],
-                    categories: Sequence[str] = (), seen: frozenset[str] = frozenset()) -> dict:
+def compute_metrics(
+    task: str,
+    hyps: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    categories: Sequence[str] = (),
+    seen: frozenset[str] = frozenset(),
+) -> dict:
     """The task's metrics; WebNLG as {"all", "seen", "unseen"} sub-dicts by category (seen: train categories).
 
     Args:
@@ -165,13 +197,22 @@ def compute_metrics(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]
     if len(categories) != len(hyps) or not seen:
         raise ValueError("WebNLG metrics need a category per input and the training categories (seen)")
     is_seen = [c in seen for c in categories]
-    subsets = {"all": list(range(len(hyps))), "seen": [i for i, s in enumerate(is_seen) if s],
-               "unseen": [i for i, s in enumerate(is_seen) if not s]}
+    subsets = {
+        "all": list(range(len(hyps))),
+        "seen": [i for i, s in enumerate(is_seen) if s],
+        "unseen": [i for i, s in enumerate(is_seen) if not s],
+    }
     return _scores(task, hyps, refs, subsets)
 
 
-def write_outputs(workdir: str | pathlib.Path, name: str, contexts: Sequence[str], hyps: Sequence[str],
-                  refs: Sequence[Sequence[str]], metrics: dict) -> None:
+def write_outputs(
+    workdir: str | pathlib.Path,
+    name: str,
+    contexts: Sequence[str],
+    hyps: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    metrics: dict,
+) -> None:
     """Write <name>.predictions.txt (one per line), <name>.references.txt (E2E layout: the references of
     an input one per line, a blank line after each input), <name>.jsonl and <name>.metrics.json."""
     out = pathlib.Path(workdir)
@@ -179,8 +220,11 @@ def write_outputs(workdir: str | pathlib.Path, name: str, contexts: Sequence[str
     one_line = lambda s: " ".join(s.split())
     (out / f"{name}.predictions.txt").write_text("".join(one_line(h) + "\n" for h in hyps), encoding="utf8")
     (out / f"{name}.references.txt").write_text(
-        "".join("".join(one_line(x) + "\n" for x in r) + "\n" for r in refs), encoding="utf8")
-    rows = [json.dumps({"context": c, "prediction": h, "references": list(r)}, ensure_ascii=False)
-            for c, h, r in zip(contexts, hyps, refs, strict=True)]
+        "".join("".join(one_line(x) + "\n" for x in r) + "\n" for r in refs), encoding="utf8"
+    )
+    rows = [
+        json.dumps({"context": c, "prediction": h, "references": list(r)}, ensure_ascii=False)
+        for c, h, r in zip(contexts, hyps, refs, strict=True)
+    ]
     (out / f"{name}.jsonl").write_text("".join(x + "\n" for x in rows), encoding="utf8")
     (out / f"{name}.metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf8")
