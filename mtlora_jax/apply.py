@@ -240,9 +240,11 @@ def _gather(eqn, invals, i):
 
 
 def _inline(key):
+    """Evaluates a call's inner jaxpr in place (its outputs may stay lazy: there is no boundary left)."""
+
     def rule(eqn, invals, i):
         closed = eqn.params[key]
-        return _eval_plain_out(closed.jaxpr, closed.consts, invals, eqn.primitive.name)
+        return _eval(closed.jaxpr, closed.consts, invals)
 
     return rule
 
@@ -250,13 +252,55 @@ def _inline(key):
 def _custom(eqn, invals, i):
     # The custom derivative rule is dropped: it was written for the plain weight, not for the factors.
     closed = eqn.params["call_jaxpr"]
-    return _eval_plain_out(closed.jaxpr, closed.consts, invals, eqn.primitive.name)
+    return _eval(closed.jaxpr, closed.consts, invals)
 
 
 def _remat(eqn, invals, i):
     p = eqn.params
     fn = lambda *vals: _eval_plain_out(p["jaxpr"], [], vals, "checkpoint")
     return jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
+
+
+def _map_stack(lz: _Lazy, fn, drop: int = 0) -> _Lazy:
+    """Applies `fn(array, ndim_after_stack)` to every field's stacked axes; `drop` stack axes vanish."""
+    ad = lz.ad
+    rest = lambda x: x.ndim - ad.stack_ndim
+    new = {f: None if getattr(ad, f) is None else fn(getattr(ad, f), rest(getattr(ad, f))) for f in "wabcd"}
+    ad = dataclasses.replace(ad, stack_ndim=ad.stack_ndim - drop, **new)
+    key = None if lz.key is None else fn(lz.key, rest(lz.key))
+    shift = lambda axes: tuple(a - drop for a in axes)
+    return _Lazy(ad, key, shift(lz.in_axes), shift(lz.out_axes))
+
+
+def _stack_only(lz: _Lazy, starts, sizes) -> bool:
+    """Whether a slice touches only the stacked axes (every other axis taken whole)."""
+    s = lz.ad.stack_ndim
+    return s > 0 and all(sizes[d] == lz.ad.w.shape[d] for d in range(s, lz.ad.w.ndim))
+
+
+def _slice(eqn, invals, i):
+    (lz,) = invals
+    p, s = eqn.params, lz.ad.stack_ndim
+    start, limit = p["start_indices"], p["limit_indices"]
+    if not _stack_only(lz, start, [b - a for a, b in zip(start, limit, strict=True)]) or p["strides"]:
+        return None
+    return [_map_stack(lz, lambda x, r: lax.slice(x, start[:s] + (0,) * r, limit[:s] + x.shape[s:]))]
+
+
+def _dynamic_slice(eqn, invals, i):
+    lz, *starts = invals
+    sizes, s = eqn.params["slice_sizes"], lz.ad.stack_ndim
+    if any(isinstance(v, _Lazy) for v in starts) or not _stack_only(lz, starts, sizes):
+        return None
+    return [_map_stack(lz, lambda x, r: lax.dynamic_slice(x, [*starts[:s]] + [0] * r, sizes[:s] + x.shape[s:]))]
+
+
+def _squeeze(eqn, invals, i):
+    (lz,) = invals
+    dims = tuple(eqn.params["dimensions"])
+    if not dims or max(dims) >= lz.ad.stack_ndim:
+        return None
+    return [_map_stack(lz, lambda x, r: lax.squeeze(x, dims), drop=len(dims))]
 
 
 def _unstack(lz: _Lazy) -> _Lazy:
@@ -288,6 +332,9 @@ _RULES = {
     P.transpose_p: _transpose,
     P.reshape_p: _reshape,
     P.copy_p: _copy,
+    P.slice_p: _slice,
+    P.dynamic_slice_p: _dynamic_slice,
+    P.squeeze_p: _squeeze,
     P.dot_general_p: _dot_general,
     P.conv_general_dilated_p: _conv,
     P.gather_p: _gather,

@@ -187,3 +187,21 @@ def test_no_dense_update_in_the_training_step(merged):
     shapes = set(_all_shapes(jaxpr))
     dense = {(D_IN, D_OUT), (D_OUT, D_IN)}
     assert bool(shapes & dense) == merged, sorted(shapes)
+
+
+def test_indexing_stacked_weights_stays_factored():
+    """w[i] (slice + squeeze) and lax.dynamic_index_in_dim on a stacked adapted weight, under fori_loop."""
+    w = jax.random.normal(jax.random.key(0), (3, D_IN, D_IN)) / 4
+    ad = mt.init({"w": w}, cfg("ctcm", r"w", stack_ndim={r"w": 1}, dropout=0.1), jax.random.key(1))
+
+    def fn(p, x):
+        x = jnp.tanh(x @ p["w"][1])
+        body = lambda i, h: jnp.tanh(h @ jax.lax.dynamic_index_in_dim(p["w"], i, keepdims=False))
+        return jax.lax.fori_loop(0, 3, body, x)
+
+    x = jax.random.normal(jax.random.key(2), (5, D_IN))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = jax.jit(mt.apply(fn))(ad, x)
+        mt.apply(fn, rng=jax.random.key(3))(ad, x)  # stacked dropout keys are sliced alike
+    np.testing.assert_allclose(y, fn(mt.merge(ad), x), **TOL)
