@@ -21,6 +21,7 @@ from mtlora_jax.checkpoint import (
 from mtlora_jax.inject import MTLoRAConfig, init
 from mtlora_jax.masks import combine, optimizer, split, trainable_mask
 from mtlora_jax.merge import merge, unmerge
+from mtlora_jax.sharding import adapter_specs, named_shardings, partition_specs
 from mtlora_jax.structures import STRUCTURES, transform
 from mtlora_jax.summary import count_params, summary
 
@@ -28,6 +29,7 @@ __all__ = [
     "STRUCTURES",
     "Adapted",
     "MTLoRAConfig",
+    "adapter_specs",
     "adapter_state",
     "apply",
     "combine",
@@ -38,7 +40,9 @@ __all__ = [
     "load_adapters",
     "load_training_state",
     "merge",
+    "named_shardings",
     "optimizer",
+    "partition_specs",
     "peft_lora_state",
     "restore_adapter_state",
     "save_adapters",
