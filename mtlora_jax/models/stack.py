@@ -12,12 +12,14 @@ A block is a Flax module class whose ``__call__(x, layer_cache, *shared)`` retur
 (the cache keeps batch on axis 0) or None, and ``shared`` are arrays every layer reads unchanged.
 """
 
+import dataclasses
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtlora_jax.adapted import is_adapted
 from mtlora_jax.models.hf_names import LAYERS, check_family
 
 
@@ -68,8 +70,26 @@ def run_layers(
     return x, jax.tree.map(lambda *a: jnp.stack(a, axis=1), *new_caches)
 
 
+def _stack(*leaves):
+    """Stacks per-layer leaves on a new axis 0; an ``mt.Adapted`` leaf also gains one ``stack_ndim``."""
+    if is_adapted(leaves[0]):
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *leaves)
+        return dataclasses.replace(stacked, stack_ndim=leaves[0].stack_ndim + 1)
+    return jnp.stack(leaves)
+
+
+def _take(leaf, i: int):
+    """Layer i of a stacked leaf (the inverse of :func:`_stack`)."""
+    if is_adapted(leaf):
+        return dataclasses.replace(jax.tree.map(lambda a: a[i], leaf), stack_ndim=leaf.stack_ndim - 1)
+    return leaf[i]
+
+
 def stack_params(params: dict, family: str) -> dict:
     """Unrolled params -> the ``scan_layers`` layout: ``{root}/{layer}_{i}/...`` stacked on a new axis 0.
+
+    Works on plain and on adapted trees (``mt.Adapted`` leaves get ``stack_ndim + 1``, matching what
+    ``mt.init`` makes with ``stack_ndim=presets.stack_ndim(family)``).
 
     Args:
       params: the param tree of an unrolled model of ``family``.
@@ -83,7 +103,7 @@ def stack_params(params: dict, family: str) -> dict:
     keys = sorted((k for k in body if re.fullmatch(rf"{layer}_\d+", k)), key=lambda k: int(k.rsplit("_", 1)[1]))
     if not keys:
         raise ValueError(f"no {root}/{layer}_<i> subtrees to stack in the {family} params")
-    body[scanned] = jax.tree.map(lambda *a: jnp.stack(a), *[body.pop(k) for k in keys])
+    body[scanned] = jax.tree.map(_stack, *[body.pop(k) for k in keys], is_leaf=is_adapted)
     return {**params, root: body}
 
 
@@ -92,6 +112,9 @@ def unstack_params(params: dict, family: str) -> dict:
     root, layer, scanned = LAYERS[check_family(family)]
     body = dict(params[root])
     stacked = body.pop(scanned)
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    body.update({f"{layer}_{i}": jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)})
+    first = jax.tree.leaves(stacked, is_leaf=is_adapted)[0]
+    n = (first.w if is_adapted(first) else first).shape[0]
+    body.update(
+        {f"{layer}_{i}": jax.tree.map(lambda a, i=i: _take(a, i), stacked, is_leaf=is_adapted) for i in range(n)}
+    )
     return {**params, root: body}
