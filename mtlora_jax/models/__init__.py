@@ -12,10 +12,11 @@ the KV cache and left padding.
 """
 
 from mtlora_jax.models.cache import init_cache
-from mtlora_jax.models.encoder import Encoder, EncoderConfig
-from mtlora_jax.models.gpt2 import GPT2, GPT2Config
+from mtlora_jax.models.config import EncoderConfig, GPT2Config, LlamaConfig
+from mtlora_jax.models.encoder import Encoder
+from mtlora_jax.models.gpt2 import GPT2
 from mtlora_jax.models.hf_names import FAMILIES, hf_module_name, hf_tensor_name
-from mtlora_jax.models.llama import Llama, LlamaConfig
+from mtlora_jax.models.llama import Llama
 from mtlora_jax.models.loading import build, from_pretrained, load_tokenizer
 from mtlora_jax.models.presets import PRESETS, fused, head_targets, stack_ndim, targets
 from mtlora_jax.models.stack import stack_params, unstack_params

@@ -15,63 +15,15 @@ with a leading layer axis)::
     classifier/dense, classifier/out_proj                   (RoBERTa head)
 """
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mtlora_jax.models import layers
+from mtlora_jax.models.config import EncoderConfig
 from mtlora_jax.models.stack import run_layers
 
 HEADS = (None, "classification", "regression")
-_FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta"}
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-    """Architecture of a BERT/RoBERTa encoder (names follow the HF config where they exist)."""
-
-    family: str  # "bert" or "roberta"
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    hidden_act: str = "gelu"
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    classifier_dropout: float | None = None
-    pad_token_id: int = 0
-    initializer_range: float = 0.02
-
-    @classmethod
-    def from_hf(cls, hf) -> "EncoderConfig":
-        """Reads a ``transformers`` BertConfig / RobertaConfig."""
-        if hf.model_type not in _FAMILIES:
-            raise ValueError(f"config model_type {hf.model_type!r} is not an encoder family {sorted(_FAMILIES)}")
-        if getattr(hf, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"config position_embedding_type={hf.position_embedding_type!r}: only 'absolute'")
-        return cls(
-            family=_FAMILIES[hf.model_type],
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads,
-            intermediate_size=hf.intermediate_size,
-            hidden_act=hf.hidden_act,
-            max_position_embeddings=hf.max_position_embeddings,
-            type_vocab_size=hf.type_vocab_size,
-            layer_norm_eps=hf.layer_norm_eps,
-            hidden_dropout=hf.hidden_dropout_prob,
-            attention_dropout=hf.attention_probs_dropout_prob,
-            classifier_dropout=getattr(hf, "classifier_dropout", None),
-            pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
-            initializer_range=hf.initializer_range,
-        )
 
 
 class _Module(nn.Module):

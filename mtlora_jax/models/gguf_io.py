@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from mtlora_jax.models.llama import LlamaConfig
+from mtlora_jax.models.config import LlamaConfig
 
 # GGUF tensor name (after blk.N.) -> HF LlamaForCausalLM name (after model.layers.N.)
 _BLOCK_NAMES = {

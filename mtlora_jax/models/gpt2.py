@@ -14,7 +14,6 @@ Param paths (``h_{i}`` becomes ``h`` with a leading layer axis under ``scan_laye
 Decoding: see :mod:`mtlora_jax.models.cache` for the cache layout, masks and left padding.
 """
 
-import dataclasses
 import math
 
 import flax.linen as nn
@@ -22,58 +21,10 @@ import jax.numpy as jnp
 
 from mtlora_jax.models import cache as kv
 from mtlora_jax.models import layers
+from mtlora_jax.models.config import GPT2Config
 from mtlora_jax.models.stack import run_layers
 
 HEADS = (None, "lm")
-
-
-@dataclasses.dataclass(frozen=True)
-class GPT2Config:
-    """Architecture of a GPT-2 model (HF names in comments)."""
-
-    vocab_size: int
-    hidden_size: int  # n_embd
-    num_layers: int  # n_layer
-    num_heads: int  # n_head
-    intermediate_size: int  # n_inner or 4 * n_embd
-    max_positions: int = 1024  # n_positions
-    activation: str = "gelu_new"  # activation_function
-    layer_norm_eps: float = 1e-5
-    resid_dropout: float = 0.1
-    embd_dropout: float = 0.1
-    attn_dropout: float = 0.1
-    initializer_range: float = 0.02
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_hf(cls, hf) -> "GPT2Config":
-        """Reads a ``transformers`` GPT2Config; raises on options this model does not implement."""
-        if hf.model_type != "gpt2":
-            raise ValueError(f"config model_type {hf.model_type!r} is not 'gpt2'")
-        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
-            if getattr(hf, key, ok) != ok:
-                raise ValueError(f"config {key}={getattr(hf, key)!r} is not supported (expected {ok})")
-        return cls(
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.n_embd,
-            num_layers=hf.n_layer,
-            num_heads=hf.n_head,
-            intermediate_size=hf.n_inner or 4 * hf.n_embd,
-            max_positions=hf.n_positions,
-            activation=hf.activation_function,
-            layer_norm_eps=hf.layer_norm_epsilon,
-            resid_dropout=hf.resid_pdrop,
-            embd_dropout=hf.embd_pdrop,
-            attn_dropout=hf.attn_pdrop,
-            initializer_range=hf.initializer_range,
-        )
 
 
 class _Module(nn.Module):

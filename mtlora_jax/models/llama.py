@@ -15,71 +15,15 @@ Param paths (``layers_{i}`` becomes ``layers`` with a leading layer axis under `
 Decoding: see :mod:`mtlora_jax.models.cache` for the cache layout, masks and left padding.
 """
 
-import dataclasses
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mtlora_jax.models import cache as kv
 from mtlora_jax.models import layers, rope
+from mtlora_jax.models.config import LlamaConfig
 from mtlora_jax.models.stack import run_layers
 
 HEADS = (None, "lm")
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Architecture of a Llama-family model (HF LlamaConfig names where they differ in comments)."""
-
-    vocab_size: int
-    hidden_size: int
-    num_layers: int  # num_hidden_layers
-    num_heads: int  # num_attention_heads
-    num_kv_heads: int  # num_key_value_heads
-    head_dim: int
-    intermediate_size: int
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, float | str], ...] = ()  # rope_parameters minus rope_theta, sorted
-    max_positions: int = 2048  # max_position_embeddings
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
-
-    @classmethod
-    def from_hf(cls, hf) -> "LlamaConfig":
-        """Reads a ``transformers`` LlamaConfig (``rope_parameters``, or legacy ``rope_theta``/``rope_scaling``)."""
-        if hf.model_type != "llama":
-            raise ValueError(f"config model_type {hf.model_type!r} is not 'llama'")
-        params = dict(getattr(hf, "rope_parameters", None) or {})
-        if not params:
-            params = {"rope_theta": getattr(hf, "rope_theta", 10000.0), **(getattr(hf, "rope_scaling", None) or {})}
-        theta = params.pop("rope_theta")
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"config partial_rotary_factor={params['partial_rotary_factor']} is not supported")
-        scaling = tuple(sorted((k, v) for k, v in params.items() if v is not None and k != "partial_rotary_factor"))
-        return cls(
-            vocab_size=hf.vocab_size,
-            hidden_size=hf.hidden_size,
-            num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads,
-            num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-            intermediate_size=hf.intermediate_size,
-            hidden_act=hf.hidden_act,
-            rms_norm_eps=hf.rms_norm_eps,
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_positions=hf.max_position_embeddings,
-            tie_word_embeddings=bool(hf.tie_word_embeddings),
-            attention_bias=bool(getattr(hf, "attention_bias", False)),
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            attention_dropout=float(getattr(hf, "attention_dropout", 0.0)),
-            initializer_range=hf.initializer_range,
-        )
 
 
 class _Module(nn.Module):

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlora_jax.models import hf_names, presets, sources, stack
-from mtlora_jax.models.encoder import Encoder, EncoderConfig
-from mtlora_jax.models.gpt2 import GPT2, GPT2Config
-from mtlora_jax.models.llama import Llama, LlamaConfig
+from mtlora_jax.models.config import EncoderConfig, GPT2Config, LlamaConfig
+from mtlora_jax.models.encoder import Encoder
+from mtlora_jax.models.gpt2 import GPT2
+from mtlora_jax.models.llama import Llama
 
 log = logging.getLogger(__name__)
 _FAMILY = {
