@@ -78,9 +78,9 @@ def test_bert_encoder_hidden_states(tmp_path_factory, bert_cfg):
 
 
 def test_bert_classification_logits(tmp_path_factory, bert_cfg):
-    """BertForSequenceClassification logits (pooler + classifier loaded from the checkpoint)."""
+    """BertForSequenceClassification logits (pooler + classifier loaded; num_labels=3 read from config.json)."""
     hf, path = _save(tmp_path_factory, transformers.BertForSequenceClassification, bert_cfg, "bertcls")
-    module, params = models.from_pretrained(path, head="classification", num_labels=3)
+    module, params = models.from_pretrained(path, head="classification")
     ids, mask = _batch(1)
     ref = _torch(hf, ids, mask).logits.numpy()
     out = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))

@@ -7,7 +7,16 @@ on options the Flax models do not implement, naming the config key.
 
 import dataclasses
 
-_FAMILIES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta"}
+# HF model_type -> our family
+FAMILY_OF = {
+    "bert": "bert",
+    "roberta": "roberta",
+    "xlm-roberta": "roberta",
+    "camembert": "roberta",
+    "gpt2": "gpt2",
+    "llama": "llama",
+}
+_ENCODERS = ("bert", "roberta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +42,12 @@ class EncoderConfig:
     @classmethod
     def from_hf(cls, hf) -> "EncoderConfig":
         """Reads a ``transformers`` BertConfig / RobertaConfig."""
-        if hf.model_type not in _FAMILIES:
-            raise ValueError(f"config model_type {hf.model_type!r} is not an encoder family {sorted(_FAMILIES)}")
+        if FAMILY_OF.get(hf.model_type) not in _ENCODERS:
+            raise ValueError(f"config model_type {hf.model_type!r} is not a BERT/RoBERTa encoder")
         if getattr(hf, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"config position_embedding_type={hf.position_embedding_type!r}: only 'absolute'")
         return cls(
-            family=_FAMILIES[hf.model_type],
+            family=FAMILY_OF[hf.model_type],
             vocab_size=hf.vocab_size,
             hidden_size=hf.hidden_size,
             num_layers=hf.num_hidden_layers,
@@ -158,3 +167,12 @@ class LlamaConfig:
             attention_dropout=float(getattr(hf, "attention_dropout", 0.0)),
             initializer_range=hf.initializer_range,
         )
+
+
+def from_hf(hf) -> tuple[str, EncoderConfig | GPT2Config | LlamaConfig]:
+    """(family, config) for a ``transformers`` config; raises ValueError for unsupported model types."""
+    family = FAMILY_OF.get(hf.model_type)
+    if family is None:
+        raise ValueError(f"config.json model_type {hf.model_type!r} is not supported; valid: {sorted(FAMILY_OF)}")
+    cls = EncoderConfig if family in _ENCODERS else GPT2Config if family == "gpt2" else LlamaConfig
+    return family, cls.from_hf(hf)

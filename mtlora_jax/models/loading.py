@@ -14,21 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtlora_jax.models import config as config_lib
 from mtlora_jax.models import hf_names, presets, sources, stack
-from mtlora_jax.models.config import EncoderConfig, GPT2Config, LlamaConfig
 from mtlora_jax.models.encoder import Encoder
 from mtlora_jax.models.gpt2 import GPT2
 from mtlora_jax.models.llama import Llama
 
 log = logging.getLogger(__name__)
-_FAMILY = {
-    "bert": "bert",
-    "roberta": "roberta",
-    "xlm-roberta": "roberta",
-    "camembert": "roberta",
-    "gpt2": "gpt2",
-    "llama": "llama",
-}
 # buffers some old checkpoints store that are not weights
 _BUFFERS = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids)")
 
@@ -117,21 +109,18 @@ def convert(
 
 
 def _read(name_or_path, gguf_file):
-    """(family, our config, HF-named tensors) from any source."""
+    """(family, our config, HF-named tensors, stored num_labels or None) from any source."""
     kind, path = sources.resolve(name_or_path, gguf_file)
     if kind == "gguf":
         from mtlora_jax.models.gguf_io import read_gguf
 
         config, tensors = read_gguf(path)
-        return "llama", config, tensors
+        return "llama", config, tensors, None
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(path)
-    if hf.model_type not in _FAMILY:
-        raise ValueError(f"{path}/config.json: model_type {hf.model_type!r} unsupported; valid: {sorted(_FAMILY)}")
-    family = _FAMILY[hf.model_type]
-    cls = {"bert": EncoderConfig, "roberta": EncoderConfig, "gpt2": GPT2Config, "llama": LlamaConfig}[family]
-    return family, cls.from_hf(hf), sources.read_safetensors(path)
+    family, config = config_lib.from_hf(hf)
+    return family, config, sources.read_safetensors(path), getattr(hf, "num_labels", None)
 
 
 def from_pretrained(
@@ -151,7 +140,7 @@ def from_pretrained(
     Args:
       name_or_path: HF folder (config.json + model.safetensors or sharded), ``.gguf`` file, or hub id.
       head: None (hidden states), "classification" / "regression" (encoders) or "lm" (decoders).
-      num_labels: classifier width for "classification" (default 2).
+      num_labels: classifier width for "classification" (default: the checkpoint config's, else 2).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); param_dtype: storage dtype of the params.
       scan_layers: build the model with ``nn.scan`` and return stacked layer params.
       remat: rematerialise each layer's activations in the backward pass.
@@ -162,9 +151,9 @@ def from_pretrained(
       (module, params): ``module.apply({"params": params}, input_ids, attention_mask)`` gives hidden
       states [b, t, d], logits [b, num_labels] / [b, t, vocab], or regression scores [b].
     """
-    family, config, tensors = _read(name_or_path, gguf_file)
+    family, config, tensors, stored_labels = _read(name_or_path, gguf_file)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
-    module = build(family, config, head, num_labels, scan_layers=False, **kwargs)
+    module = build(family, config, head, num_labels or stored_labels, scan_layers=False, **kwargs)
     ids = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
     params = convert(tensors, shapes, family, head, std=config.initializer_range, seed=seed, param_dtype=param_dtype)
