@@ -26,7 +26,18 @@ _BUFFERS = re.compile(r".*(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq
 
 
 def build(family: str, config, head: str | None, num_labels: int | None, **kwargs):
-    """The Flax module of a family and head (kwargs: dtype, param_dtype, scan_layers, remat)."""
+    """The Flax module of a family and head, without params.
+
+    Args:
+      family: "bert", "roberta", "gpt2" or "llama".
+      config: its EncoderConfig / GPT2Config / LlamaConfig.
+      head: encoders None, "classification" or "regression"; decoders None or "lm".
+      num_labels: classifier width (encoders; None means 2).
+      **kwargs: module attributes dtype, param_dtype, scan_layers, remat.
+
+    Returns:
+      An ``Encoder``, ``GPT2`` or ``Llama`` module.
+    """
     if family in ("bert", "roberta"):
         if head not in (None, "classification", "regression"):
             raise ValueError(f"head {head!r} is not valid for an encoder: None, 'classification' or 'regression'")
