@@ -29,15 +29,17 @@ def _random_params(module, scale=0.3):
 
 @pytest.fixture(scope="module")
 def llama():
+    """(module, params, jitted forward, jitted cached step), shared so each shape compiles once."""
     module = models.Llama(LLAMA, head="lm")
-    return module, _random_params(module)
+    params = {"params": _random_params(module)}
+    step = jax.jit(lambda ids, m, c: module.apply(params, ids, m, cache=c))
+    return module, params, jax.jit(module.apply), step
 
 
 def test_chunked_cached_decoding_equals_full_forward(llama):
     """Prefill 3 + a 2-token chunk + 3 single tokens through the cache == one forward over all 8 tokens."""
-    module, params = llama
-    full = jax.jit(module.apply)({"params": params}, IDS, LEFT)
-    step = jax.jit(lambda ids, m, c: module.apply({"params": params}, ids, m, cache=c))
+    module, params, forward, step = llama
+    full = forward(params, IDS, LEFT)
     cache = models.init_cache(module, 3, 8)
     outs = []
     for lo, hi in ((0, 3), (3, 5), (5, 6), (6, 7), (7, 8)):
@@ -53,22 +55,24 @@ def test_chunked_cached_decoding_equals_full_forward(llama):
 
 def test_left_padded_rows_decode_as_alone(llama):
     """A row's logits in a left-padded batch == the same prompt decoded alone without padding."""
-    module, params = llama
-    batch = jax.jit(module.apply)({"params": params}, IDS, LEFT)
-    alone = jax.jit(module.apply)({"params": params}, IDS[2:, 5:])  # row 2's 3 real tokens, unpadded
+    _, params, forward, _ = llama
+    batch = forward(params, IDS, LEFT)
+    alone = forward(params, IDS[2:, 5:])  # row 2's 3 real tokens, unpadded
     np.testing.assert_allclose(batch[2, 5:], alone[0], atol=1e-5)
 
 
 def test_cache_rows_reorder_like_beams(llama):
     """Every cache leaf has batch axis 0; tree_map(x[idx]) then decoding == decoding reordered prompts."""
-    module, params = llama
-    step = jax.jit(lambda ids, m, c: module.apply({"params": params}, ids, m, cache=c))
-    _, cache = step(IDS[:, :6], LEFT[:, :6], models.init_cache(module, 3, 8))
+    module, _, _, step = llama
+    _, cache = step(IDS[:, :3], LEFT[:, :3], models.init_cache(module, 3, 8))
     assert all(x.shape[0] == 3 for x in jax.tree.leaves(cache))
     idx = jnp.asarray([2, 0, 0])
-    logits, _ = step(IDS[idx, 6:8], None, jax.tree.map(lambda x: x[idx], cache))
-    ref, _ = step(IDS[idx, 6:8], None, step(IDS[idx, :6], LEFT[idx, :6], models.init_cache(module, 3, 8))[1])
+    real = jnp.ones((3, 2), jnp.int32)
+    logits, _ = step(IDS[idx, 3:5], real, jax.tree.map(lambda x: x[idx], cache))
+    _, ref_cache = step(IDS[idx, :3], LEFT[idx, :3], models.init_cache(module, 3, 8))
+    ref, _ = step(IDS[idx, 3:5], real, ref_cache)
     np.testing.assert_allclose(logits, ref, atol=1e-6)
+    assert not np.allclose(logits[0], logits[1])  # rows really were reordered (row 2 != row 0)
 
 
 def test_dropout_uses_explicit_rngs():

@@ -77,6 +77,7 @@ def smollm():
     return module, params, tok, hf
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_config(smollm):
     """The config read from GGUF metadata is SmolLM2-135M's (GQA 9/3, tied, rope base 1e5)."""
     module, _, _, hf = smollm
@@ -85,6 +86,7 @@ def test_smollm2_gguf_config(smollm):
     assert c.tie_word_embeddings and c.rope_theta == hf.config.rope_parameters["rope_theta"] == 1e5
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers_gguf(smollm):
     """Logits of a left-padded batch of real prompts match transformers' GGUF model.
 
@@ -100,6 +102,7 @@ def test_smollm2_logits_match_transformers_gguf(smollm):
     np.testing.assert_allclose(out[mask == 1], ref.logits.numpy()[mask == 1], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_generation_with_kv_cache(smollm):
     """20 greedy tokens from left-padded prompts: our cached decoding == transformers' generate."""
     module, params, tok, hf = smollm
