@@ -105,7 +105,7 @@ def test_apply_with_kv_cache_and_bf16():
     """Llama (scan layout): cached decoding under mt.apply == merged; bf16 compute keeps fp32 params."""
     module, params = _model("llama")
     module = module.clone(scan_layers=True)
-    adapted = mt.init(models.stack_params(params, "llama"), _cfg("llama", True, "all-linear"), jax.random.key(3))
+    adapted = models.stack_params(mt.init(params, _cfg("llama", scan=False), jax.random.key(3)), "llama")
     cache = models.init_cache(module, 2, 10)
     step = lambda v, c: module.apply(v, IDS, MASK, cache=c)
     logits, new = jax.jit(step)({"params": mt.merge(adapted)}, cache)
