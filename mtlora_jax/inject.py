@@ -10,8 +10,10 @@ A, rank for C and D) and B = 0, so dW = (alpha/rank) · B · T · A is exactly z
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +95,21 @@ class MTLoRAConfig:
             )
 
 
-def _init_leaf(path: str, w: jax.Array, cfg: MTLoRAConfig, key: jax.Array) -> Adapted:
-    """Builds the Adapted node for one target weight, validating its shape and rank."""
+class _Layout(NamedTuple):
+    """How one target weight splits, validated: everything static about its adapter."""
+
+    stack_shape: tuple[int, ...]
+    in_ndim: int
+    d_in: int
+    d_slice: int
+    slices: int
+    enable: tuple[bool, ...]
+    rank: int
+    alpha: float
+
+
+def _layout(path: str, w, cfg: MTLoRAConfig) -> _Layout:
+    """Reads the stack/in/out split, fused slices, rank and alpha of one target; raises naming `path`."""
     if not hasattr(w, "shape") or is_adapted(w):
         raise ValueError(f"target {path!r} is {'already adapted' if is_adapted(w) else type(w).__name__}")
     stack = paths.first_match(cfg.stack_ndim, path, 0)
@@ -114,44 +129,41 @@ def _init_leaf(path: str, w: jax.Array, cfg: MTLoRAConfig, key: jax.Array) -> Ad
     enable = tuple(bool(e) for e in enable)
     rank = int(paths.first_match(cfg.rank_pattern, path, cfg.rank))
     alpha = float(paths.first_match(cfg.alpha_pattern, path, cfg.alpha))
-    stack_shape = tuple(w.shape[:stack])
     d_in = math.prod(w.shape[stack : stack + in_ndim])
     d_out = math.prod(w.shape[stack + in_ndim :])
     if len(enable) != slices or slices < 1 or d_out % slices:
         raise ValueError(f"target {path!r}: fused={slices, enable} does not fit d_out={d_out}")
-    k, d_slice = sum(enable), d_out // slices
+    d_slice = d_out // slices
     if not 0 < rank <= min(d_in, d_slice):
         raise ValueError(f"target {path!r}: rank {rank} must be in [1, min(d_in={d_in}, d_out={d_slice})]")
+    return _Layout(tuple(w.shape[:stack]), in_ndim, d_in, d_slice, slices, enable, rank, alpha)
+
+
+def _factors(cfg: MTLoRAConfig, lay: _Layout, key: jax.Array):
+    """Fresh (a, b, c, d) for one layout: A [*s, kr, d_in], B [*s, k·d_slice, r], C, D [*s, kr, kr]."""
     ka, kb, kc = jax.random.split(key, 3)
-    dt = cfg.dtype
-    bound_a = 1.0 / math.sqrt(d_in)
+    dt, rank, s = cfg.dtype, lay.rank, lay.stack_shape
+    kr = sum(lay.enable) * rank
     if cfg.a_init == "kaiming_uniform":
-        a = jax.random.uniform(ka, stack_shape + (k * rank, d_in), dt, -bound_a, bound_a)
+        bound = 1.0 / math.sqrt(lay.d_in)
+        a = jax.random.uniform(ka, s + (kr, lay.d_in), dt, -bound, bound)
     else:
-        a = jax.random.normal(ka, stack_shape + (k * rank, d_in), dt) / rank
-    b_shape = stack_shape + (k * d_slice, rank)
+        a = jax.random.normal(ka, s + (kr, lay.d_in), dt) / rank
+    b_shape = s + (sum(lay.enable) * lay.d_slice, rank)
     if cfg.b_init == "zeros":
         b = jnp.zeros(b_shape, dt)
     elif cfg.b_init == "kaiming_uniform":
         b = jax.random.uniform(kb, b_shape, dt, -1 / math.sqrt(rank), 1 / math.sqrt(rank))
     else:
         b = jax.random.normal(kb, b_shape, dt) / rank
-    c, d = structures.init_cd(cfg.structure, kc, stack_shape + (k * rank, k * rank), dt, cfg.c_init)
-    node = Adapted(
-        w=w,
-        a=a,
-        b=b,
-        c=c,
-        d=d,
-        structure=cfg.structure,
-        scale=alpha / rank,
-        in_ndim=in_ndim,
-        stack_ndim=stack,
-        dropout=cfg.dropout,
-        slices=slices,
-        enable=enable,
-    )
-    return node.validate(path)
+    c, d = structures.init_cd(cfg.structure, kc, s + (kr, kr), dt, cfg.c_init)
+    return a, b, c, d
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _all_factors(cfg: MTLoRAConfig, layouts: tuple[_Layout, ...], key: jax.Array):
+    """Every target's factors in one compiled call (op-by-op init compiles each random op separately)."""
+    return [_factors(cfg, lay, k) for lay, k in zip(layouts, jax.random.split(key, len(layouts)), strict=True)]
 
 
 def init(params, cfg: MTLoRAConfig, key: jax.Array):
@@ -172,11 +184,29 @@ def init(params, cfg: MTLoRAConfig, key: jax.Array):
     all_paths = [p for p, _ in named]
     patterns = paths.compile_patterns(cfg.targets, "MTLoRAConfig.targets")
     paths.check_all_used(patterns, all_paths, "MTLoRAConfig.targets")
-    target_paths = [p for p in all_paths if paths.matches_any(patterns, p)]
-    keys = dict(zip(target_paths, jax.random.split(key, len(target_paths)), strict=True))
+    targets = {p: leaf for p, leaf in named if paths.matches_any(patterns, p)}
+    layouts = {p: _layout(p, leaf, cfg) for p, leaf in targets.items()}
+    factors = dict(zip(layouts, _all_factors(cfg, tuple(layouts.values()), key), strict=True))
 
     def visit(keypath, leaf):
         path = paths.path_str(keypath)
-        return _init_leaf(path, leaf, cfg, keys[path]) if path in keys else leaf
+        if path not in layouts:
+            return leaf
+        lay, (a, b, c, d) = layouts[path], factors[path]
+        node = Adapted(
+            w=leaf,
+            a=a,
+            b=b,
+            c=c,
+            d=d,
+            structure=cfg.structure,
+            scale=lay.alpha / lay.rank,
+            in_ndim=lay.in_ndim,
+            stack_ndim=len(lay.stack_shape),
+            dropout=cfg.dropout,
+            slices=lay.slices,
+            enable=lay.enable,
+        )
+        return node.validate(path)
 
     return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_adapted)
