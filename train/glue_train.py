@@ -152,6 +152,7 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=2))
+    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     mesh = mesh_lib.make_mesh(config.mesh)
     micro = config.batch_size // config.grad_accum_steps
     mesh_lib.check_batch_size(
@@ -183,7 +184,6 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
     tx = loop.make_optimizer(schedule, config.weight_decay, trainable, heads)
     rng = loop.rng_key(config.seed)
     state, state_shardings = loop.create_train_state(trainable, tx, rng, mesh)
-    mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     state, record = checkpoints.restore_latest(mngr, state, frozen, heads)
     record = record or {"best": {}, "best_step": 0, "wall_time_s": 0.0}
     start = int(jax.device_get(state.step))
@@ -212,17 +212,19 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
     batches = ip.train_batches(train, batch_size=config.batch_size, buckets=buckets, seed=config.seed, start_step=start)
     writer = reporting.MetricWriter(workdir, start)
     progress = reporting.Progress(total, start, config.batch_size)
-    last, metrics = {}, None
+    last, metrics, interval, n_interval = {}, None, None, 0
     for step in range(start, total):
         state, metrics = train_step(state, frozen, mesh_lib.shard_batch(next(batches), mesh))
+        interval, n_interval = loop.accumulate(interval, metrics), n_interval + 1
         done = step + 1
         if done % config.log_every_steps == 0 or done == total:
-            metrics = jax.device_get(metrics)
-            loop.check_finite(metrics, done)
-            rates = progress.update(done, metrics)
-            writer.write(done, "train", {**metrics, **rates, "epoch": done / per_epoch})
-            logging.info("step %d/%d loss %.4f lr %.3g %.1f examples/s eta %.0fs", done, total, metrics["loss"],
-                             metrics["learning_rate"], rates["examples_per_s"], rates["eta_s"])  # fmt: skip
+            means = loop.interval_mean(interval, n_interval, metrics)  # train metrics: means since the last log
+            interval, n_interval = None, 0
+            loop.check_finite(means, done)
+            rates = progress.update(done, means)
+            writer.write(done, "train", {**means, **rates, "epoch": done / per_epoch})
+            logging.info("step %d/%d loss %.4f lr %.3g %.1f examples/s eta %.0fs", done, total, means["loss"],
+                         means["learning_rate"], rates["examples_per_s"], rates["eta_s"])  # fmt: skip
         else:
             progress.update(done)
         if done % eval_every == 0 or done == total:

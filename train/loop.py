@@ -156,7 +156,7 @@ def train_step(state: TrainState, frozen, batch, *, loss_fn, tx, schedule, grad_
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: v / denom for k, v in sums.items() if k != "weight"}
-    metrics.update(loss=loss_sum / denom, weight=weight, grad_norm=optax.global_norm(grads))
+    metrics.update(loss=loss_sum / denom, weight=weight, grad_norm=optax.tree.norm(grads))
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -186,6 +186,21 @@ def make_eval_step(predict_fn, *, mesh, params_shardings, frozen_shardings):
         in_shardings=(params_shardings, frozen_shardings, mesh_lib.batch_sharding(mesh)),
         out_shardings=mesh_lib.replicated(mesh),
     )
+
+
+def accumulate(total, metrics):
+    """Running sums of step metrics on device (no host sync): `total` None starts a new interval."""
+    return metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+
+
+def interval_mean(total, count: int, last) -> dict[str, float]:
+    """Host means of `accumulate`d metrics over `count` steps; the learning rate is the last step's.
+
+    A NaN or inf in any step of the interval survives the mean, so `check_finite` on it sees every step.
+    """
+    means = {k: float(v) / count for k, v in jax.device_get(total).items()}
+    means["learning_rate"] = float(jax.device_get(last["learning_rate"]))
+    return means
 
 
 def check_finite(metrics: dict, step: int) -> None:
