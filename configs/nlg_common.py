@@ -25,6 +25,7 @@ from configs import common
 
 NLG_TASKS = ("e2e", "webnlg", "dart")
 SPLITS = ("train", "valid", "validation", "dev", "test")
+SUBSETS = ("first", "spread")
 GPT2_MEDIUM = "openai-community/gpt2-medium"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Where `python -m train.nlg` finds the LoRA-repo files of each task (examples/NLG/data/<folder>).
@@ -89,10 +90,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     # Log train metrics every N steps.
     c.log_every_steps = 100
-    # Use only the first N training examples (file order); -1 = all.
+    # Use only N training examples (chosen by train_subset); -1 = all.
     c.max_train_examples = -1
-    # Decode only the first M distinct inputs of eval_split (file order); -1 = all.
+    # Which N: "first" (file order) or "spread" (evenly spaced over the file; WebNLG's file is ordered by
+    # table size and category, so its first examples are all single-triple tables of a few categories).
+    c.train_subset = "first"
+    # Decode only M distinct inputs of eval_split (chosen by eval_subset); -1 = all.
     c.eval_max_examples = -1
+    # Which M: "first" (file order) or "spread" (evenly spaced over the split; on WebNLG test both seen and
+    # unseen categories and all table sizes, which the file order groups).
+    c.eval_subset = "first"
     # Also decode eval_split before training (the base model; adapters start at dW = 0) -> metrics_before.
     c.eval_before_training = False
     # Prompts per decoding batch (before beam expansion); a multiple of the data-axis devices.
@@ -142,18 +149,21 @@ def task_config(task: str, arg: str | None, *, length_penalty: float) -> ml_coll
     c.task, c.length_penalty = task, length_penalty
     if variant.smoke:
         c.model, c.data_dir = "", str(common.REPO / "tests" / "fixtures" / "nlg")
-        c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 6, 4, 128, (64,)
+        c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 6, 8, 64, (64,)
         c.learning_rate, c.warmup_steps, c.mtlora.dropout = 1e-2, 1, 0.0
         c.checkpoint_every_steps, c.log_every_steps = 3, 1
-        c.eval_max_examples, c.eval_batch_size, c.prompt_buckets = 4, 4, (64,)
+        c.eval_max_examples, c.eval_batch_size, c.prompt_buckets = 4, 8, (64,)
         c.beam_size, c.max_new_tokens = 2, 8
     if variant.smollm:
+        # Measured on the shared 2-core CPU (docs/BENCHMARKS.md): a step of 8 x 64 tokens takes ~15 s, beam 2
+        # decodes ~20 inputs a minute. One pass over 960 training examples spread over the file, 100 test inputs.
         c.model, c.data_dir = smollm_path(), str(common.REPO.parent / "shared" / "data" / "nlg")
-        c.num_train_steps, c.max_train_examples, c.warmup_steps = 300, 2400, 30
-        c.length_buckets, c.max_length = (64, 96), 160
-        c.checkpoint_every_steps, c.log_every_steps = 100, 10
-        c.eval_max_examples, c.eval_batch_size, c.prompt_buckets = 200, 20, (64, 96, 160)
-        c.beam_size, c.eval_before_training = 2, True
+        c.num_train_steps, c.max_train_examples, c.train_subset = 120, 960, "spread"
+        c.learning_rate, c.warmup_steps = 5e-4, 10
+        c.max_length, c.length_buckets = 128, (64, 96)
+        c.checkpoint_every_steps, c.log_every_steps = 20, 5
+        c.eval_max_examples, c.eval_subset, c.eval_before_training = 100, "spread", True
+        c.eval_batch_size, c.prompt_buckets, c.beam_size = 20, (64, 96, 160), 2
     return c
 
 
@@ -189,6 +199,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(c.dtype in common.DTYPES, "dtype", c.dtype, f"one of {', '.join(common.DTYPES)}")
     sizes = list(c.mesh.values())
     _check(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh", c.mesh.to_dict(), "sizes > 0, one -1")
+    for key in ("train_subset", "eval_subset"):
+        _check(c[key] in SUBSETS, key, c[key], f"one of {', '.join(SUBSETS)}")
     for key in ("max_train_examples", "eval_max_examples"):
         _check(c[key] == -1 or c[key] > 0, key, c[key], "-1 (all) or > 0")
     _check(m.structure in common.STRUCTURES, "mtlora.structure", m.structure, f"one of {', '.join(common.STRUCTURES)}")

