@@ -82,8 +82,9 @@ def _run(mesh, batches, *, accum=1, structure="shim", lr=0.05, fn=loss_fn):
     )
     history = []
     for b in batches:
-        state, m = step(state, frozen, mesh_lib.shard_batch(b, mesh))
-        history.append(jax.device_get(m))
+        with jax.transfer_guard("disallow"):  # the step moves nothing implicitly between host and devices
+            state, m = step(state, frozen, mesh_lib.shard_batch(b, mesh))
+            history.append(jax.device_get(m))
     return state, frozen, history
 
 
