@@ -161,3 +161,20 @@ def test_command_line_overrides_and_typos():
     assert (c.mtlora.structure, c.mtlora.rank) == ("ctcm", 2)
     with pytest.raises(AttributeError, match='Did you mean "beam_size"'):
         _parse([f"--config={CONFIGS / 'webnlg.py'}", "--config.beam_sise=3"])
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+def test_readme_nlg_commands_parse():
+    """Every `python -m train.nlg` command of the README's NLG section names a config file and keys that exist
+    (tests/test_nlg_train.py runs the entry point itself)."""
+    readme = (CONFIGS.parent / "README.md").read_text(encoding="utf8")
+    section = readme.split("## Table-to-text generation", 1)[1].split("\n## ", 1)[0]
+    commands = [c.replace("\\\n", " ") for c in re.findall(r"```bash\n(.*?)```", section, re.S)]
+    commands = [line.split() for c in commands for line in c.splitlines() if "python -m train.nlg" in line]
+    assert len(commands) == 2
+    for words in commands:
+        args = words[words.index("train.nlg") + 1 :]
+        config_arg = args[args.index("--config") + 1]
+        flags_ = [f"--config={CONFIGS.parent / config_arg}"] + [a for a in args if a.startswith("--config.")]
+        config = _parse(flags_)
+        assert config.task in TASKS and "--workdir" in args
