@@ -54,3 +54,21 @@ def test_rules_that_do_not_divide_stay_replicated():
     assert partitioning.param_spec(down, (16, 12), "llama", mesh) == P("tensor", "fsdp")
     with pytest.raises(ValueError, match="has 3 axes; the llama partitioning table expects 2"):
         partitioning.logical_axes("model/layers_0/mlp/down_proj/kernel", 3, "llama")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_from_pretrained_places_weights_sharded(tmp_path, scan):
+    """Loading onto a mesh: each weight lands split by its spec (host -> shards), same values as unsharded."""
+    from tiny_models import tiny_bert
+
+    folder = tiny_bert(tmp_path / "bert")
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    module, sharded = models.from_pretrained(folder, head="classification", mesh=mesh, scan_layers=scan)
+    _, plain = models.from_pretrained(folder, head="classification", scan_layers=scan)
+    q = sharded["encoder"]["layers" if scan else "layer_0"]["attention"]["query"]["kernel"]
+    assert q.sharding.spec == (P(None, "fsdp", "tensor") if scan else P("fsdp", "tensor"))
+    assert q.addressable_shards[0].data.shape == ((2, 16, 16) if scan else (16, 16))  # [.., 32, 32] split 2 x 2
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
+    ids = jnp.array([[101, 2023, 2003, 102]])
+    np.testing.assert_allclose(module.apply({"params": sharded}, ids), module.apply({"params": plain}, ids), atol=1e-5)

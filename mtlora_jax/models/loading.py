@@ -13,9 +13,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
+from mtlora_jax import paths
 from mtlora_jax.models import config as config_lib
-from mtlora_jax.models import hf_names, presets, sources, stack
+from mtlora_jax.models import hf_names, partitioning, presets, sources, stack
 from mtlora_jax.models.encoder import Encoder
 from mtlora_jax.models.gpt2 import GPT2
 from mtlora_jax.models.llama import Llama
@@ -80,7 +82,7 @@ def convert(
       std: init std of new head kernels. seed: numpy seed for them. param_dtype: stored dtype.
 
     Returns:
-      The param tree (jax arrays); logs unused checkpoint tensors once.
+      The param tree (host numpy arrays in `param_dtype`); logs unused checkpoint tensors once.
     """
     prefix = _backbone_prefix(tensors, family)
     new_head = [re.compile(p) for p in presets.head_targets(family, head)]
@@ -102,7 +104,7 @@ def convert(
             value = tensors[name].T if transpose else tensors[name]
         if value.shape != leaf.shape:
             raise ValueError(f"{key}: checkpoint tensor {name!r} has shape {value.shape}, model wants {leaf.shape}")
-        return jnp.asarray(value, dtype=param_dtype)
+        return np.asarray(value, dtype=param_dtype)  # stays on the host until `place`
 
     params = jax.tree_util.tree_map_with_path(fill, shapes)
     if missing:
@@ -145,6 +147,7 @@ def from_pretrained(
     remat: bool = False,
     gguf_file: str | None = None,
     seed: int = 0,
+    mesh=None,
 ):
     """Loads a pretrained checkpoint as a Flax module and its params.
 
@@ -157,6 +160,9 @@ def from_pretrained(
       remat: rematerialise each layer's activations in the backward pass.
       gguf_file: the GGUF file name inside a folder / hub repo with several.
       seed: seed of the new head's HF-style init.
+      mesh: a ``jax.sharding.Mesh``: each weight goes from the host straight to its shards on the mesh
+        (``partitioning.param_spec``: FSDP over "fsdp", tensor parallelism over "tensor"), never a whole
+        copy per device. None: every weight on the default device.
 
     Returns:
       (module, params): ``module.apply({"params": params}, input_ids, attention_mask)`` gives hidden
@@ -169,9 +175,21 @@ def from_pretrained(
     shapes = jax.eval_shape(module.init, jax.random.key(0), ids)["params"]
     params = convert(tensors, shapes, family, head, std=config.initializer_range, seed=seed, param_dtype=param_dtype)
     if scan_layers:
-        params = stack.stack_params(params, family)
+        params = stack.stack_params(params, family)  # numpy: stacked on the host
         module = module.clone(scan_layers=True)
-    return module, params
+    return module, place(params, family, mesh)
+
+
+def place(params, family: str, mesh=None):
+    """Host arrays -> device arrays: split on `mesh` by `partitioning.param_spec`, else the default device."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, params)
+
+    def put(keypath, x):
+        spec = partitioning.param_spec(paths.path_str(keypath), x.shape, family, mesh)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(put, params)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, gguf_file: str | None = None):

@@ -18,6 +18,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtlora_jax.adapted import is_adapted
 from mtlora_jax.models.hf_names import LAYERS, check_family
@@ -70,12 +71,17 @@ def run_layers(
     return x, jax.tree.map(lambda *a: jnp.stack(a, axis=1), *new_caches)
 
 
+def _stack_arrays(*arrays):
+    """np.stack for host arrays (they stay on the host), jnp.stack for device arrays."""
+    return np.stack(arrays) if all(isinstance(a, np.ndarray) for a in arrays) else jnp.stack(arrays)
+
+
 def _stack(*leaves):
     """Stacks per-layer leaves on a new axis 0; an ``mt.Adapted`` leaf also gains one ``stack_ndim``."""
     if is_adapted(leaves[0]):
-        stacked = jax.tree.map(lambda *a: jnp.stack(a), *leaves)
+        stacked = jax.tree.map(_stack_arrays, *leaves)
         return dataclasses.replace(stacked, stack_ndim=leaves[0].stack_ndim + 1)
-    return jnp.stack(leaves)
+    return _stack_arrays(*leaves)
 
 
 def _take(leaf, i: int):
