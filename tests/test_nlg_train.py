@@ -102,6 +102,12 @@ def train_losses(workdir) -> list[float]:
     return [r["loss"] for r in reporting.read_metrics(str(workdir)) if r["kind"] == "train"]
 
 
+@pytest.fixture
+def no_jvm(monkeypatch):
+    """METEOR 1.5 as a constant: it starts a JVM (~15 s) per evaluation. The CLI test scores it for real."""
+    monkeypatch.setattr(nlg_metrics, "meteor", lambda hyps, refs, subsets=None: dict.fromkeys(subsets or ["all"], 0.5))
+
+
 def checkpoint_arrays(workdir, step: int) -> dict:
     """The adapter arrays of `<workdir>/checkpoints/<step>` (read with Orbax, independent of the loop)."""
     import orbax.checkpoint as ocp
@@ -153,7 +159,7 @@ def test_cli_smoke_run_writes_summary_predictions_and_learns(gpt2_cli_run):
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_and_a_kill_gives_the_same_result(gpt2_cli_run, tiny_gpt2, tmp_path, monkeypatch):
+def test_resume_after_sigterm_and_a_kill_gives_the_same_result(gpt2_cli_run, tiny_gpt2, tmp_path, monkeypatch, no_jvm):
     """SIGTERM at step 2 (checkpoint, return None), a hard kill at step 5 (last checkpoint 3), then a rerun:
     the same losses, adapters, predictions and metrics as the uninterrupted run."""
 
@@ -190,11 +196,13 @@ def test_resume_after_sigterm_and_a_kill_gives_the_same_result(gpt2_cli_run, tin
     for path in want_arrays:
         np.testing.assert_allclose(got_arrays[path], want_arrays[path], rtol=1e-5, atol=1e-7, err_msg=path)
     assert (tmp_path / "test.predictions.txt").read_text() == (gpt2_cli_run / "test.predictions.txt").read_text()
-    assert summary["metrics"] == pytest.approx(want["metrics"])
+    assert {k: v for k, v in summary["metrics"].items() if "meteor" not in k} == pytest.approx(
+        {k: v for k, v in want["metrics"].items() if "meteor" not in k}
+    )
 
 
 @pytest.mark.slow
-def test_llama_e2e_greedy_run(tiny_llama, tmp_path):
+def test_llama_e2e_greedy_run(tiny_llama, tmp_path, no_jvm):
     """A tiny Llama (SmolLM2 tokenizer: bos prefix) on the E2E fixtures with greedy decoding and a base eval."""
     config = smoke_config("e2e", tiny_llama, beam_size=1, eval_before_training=True)
     summary = nlg_train.train_and_evaluate(config, str(tmp_path))
@@ -210,7 +218,7 @@ def test_llama_e2e_greedy_run(tiny_llama, tmp_path):
     assert [r.splitlines() for r in refs if r.strip()] == [list(r) for r in test.references]
 
 
-def test_bad_config_fails_naming_the_key(tmp_path):
+def test_bad_config_fails_naming_the_key(tmp_path, monkeypatch):
     """Through the command line: an unknown structure and a misspelt key; in-process: a missing data_dir."""
     base = [sys.executable, "-m", "train.nlg", "--config", "configs/webnlg.py:smoke", "--workdir", str(tmp_path)]
     proc = subprocess.run(
@@ -224,6 +232,11 @@ def test_bad_config_fails_naming_the_key(tmp_path):
         nlg_train.train_and_evaluate(config, str(tmp_path))
     config = smoke_config("webnlg", str(tmp_path / "no_model"))
     with pytest.raises(FileNotFoundError, match=r"config\.model=.*no_model"):
+        nlg_train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = webnlg.get_config()  # the reference recipe: GPT-2 medium from the hub, offline here: fails fast
+    config.data_dir = str(FIXTURES)
+    with pytest.raises(OSError, match=r"config\.model='openai-community/gpt2-medium': .*local"):
         nlg_train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -335,7 +348,7 @@ def test_subset_first_and_spread():
         nlg_train.subset(5, 2, "random")
 
 
-def test_score_reports_nist_unavailable_when_nltk_cannot_compute_it():
+def test_score_reports_nist_unavailable_when_nltk_cannot_compute_it(no_jvm):
     """No output with 5 tokens: NIST is a reason string, the other E2E metrics are still computed."""
     hyps, refs = ["", "a cat"], [["the cat sat on the mat"], ["a cat sat on a mat today"]]
     got = nlg_eval.score("e2e", hyps, refs, (), frozenset())

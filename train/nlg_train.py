@@ -46,9 +46,12 @@ def load_model(config):
             raise FileNotFoundError(f"config.model={config.model!r}: no such file or folder; {hint}")
         if not glue_data.hub_offline() and not glue_data.hub_reachable():
             raise OSError(f"config.model={config.model!r} is a hub id but huggingface.co is unreachable; {hint}")
-    dtype = DTYPES[config.dtype]
-    module, params = models.from_pretrained(config.model, head="lm", dtype=dtype, scan_layers=config.scan_layers)
-    return module, params, models.load_tokenizer(config.model)
+    try:
+        kw = dict(head="lm", dtype=DTYPES[config.dtype], scan_layers=config.scan_layers)
+        module, params = models.from_pretrained(config.model, **kw)
+        return module, params, models.load_tokenizer(config.model)
+    except OSError as e:  # not found, or a hub id that cannot be fetched: name the key to change
+        raise OSError(f"config.model={config.model!r}: {e}") from e
 
 
 def mtlora_config(config, family: str) -> tuple[mt.MTLoRAConfig, tuple[str, ...]]:
