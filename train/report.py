@@ -1,0 +1,358 @@
+"""docs/RESULTS.md and docs/figures/*.png of the structure study, generated from the committed results folders.
+
+  python -m train.report --config configs/study.py        # reads results/offline/*/, never the workdirs
+
+Per task and row (structure, parameter-matched LoRA, base): mean ± std over seeds of the task's metric (in points, final
+evaluation), the average over tasks, the difference to LoRA on the same targets with a paired t-test across seeds
+(scipy.stats.ttest_rel; Holm-corrected over all MTLoRA-vs-LoRA tests as well), trainable parameters, median step time,
+the ΔW spectrum summaries and eigenvalues of T from train.analyze, one plain sentence per comparison, and the runs
+still missing from the plan. Figures: dev metric vs step, normalized ΔW singular-value spectra (averaged and per
+layer), ‖ΔW‖_F per layer, eigenvalues of T in the complex plane. RESULTS.md is never edited by hand.
+"""
+
+import collections
+import dataclasses
+import datetime
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from scipy import stats
+
+from configs import study as study_config
+from train import analyze, report_plots, reporting, study
+
+ALPHA = 0.05  # significance level of the paired tests
+
+
+@dataclasses.dataclass
+class Result:
+    """One collected run: run.json, summary.json, metrics.jsonl records and analysis.json (None for base runs)."""
+
+    run: dict
+    summary: dict
+    records: list
+    analysis: dict | None
+
+
+def load_results(results_dir: str) -> list[Result]:
+    """Every complete `<results_dir>/<run_id>/` (summary.json and run.json present), sorted by run id."""
+    out = []
+    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        folder = os.path.join(results_dir, name)
+        if name.endswith(".tmp") or not os.path.isfile(os.path.join(folder, "summary.json")):
+            continue
+        load = lambda f, folder=folder: json.load(open(os.path.join(folder, f)))
+        has_analysis = os.path.isfile(os.path.join(folder, analyze.ANALYSIS_JSON))
+        analysis = load(analyze.ANALYSIS_JSON) if has_analysis else None
+        out.append(Result(load(study.RUN_JSON), load("summary.json"), reporting.read_metrics(folder), analysis))
+    return out
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    """(mean, sample std (ddof = 1; nan for one value), n)."""
+    v = np.asarray(list(values), np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
+
+
+def paired_test(a: dict, b: dict) -> tuple[float, float, int]:
+    """Paired t-test of a - b over the seeds both have: (mean difference, two-sided p-value, n); p = nan for n < 2."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return float("nan"), float("nan"), 0
+    x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    p = float(stats.ttest_rel(x, y).pvalue) if len(seeds) > 1 else float("nan")
+    return float(np.mean(x - y)), p, len(seeds)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (nan stays nan and is not counted)."""
+    idx = [i for i, p in enumerate(pvalues) if not np.isnan(p)]
+    order = sorted(idx, key=lambda i: pvalues[i])
+    out, running = list(pvalues), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def row_label(row: str) -> str:
+    """The report's name of a row (kind): the matched rows of all tasks share one line."""
+    return {"lora-qv-matched": "LoRA q,v (matched rank)", "base": "base (0 steps)"}.get(row, row)
+
+
+def _kind(row: str) -> str:
+    """Table row of a run row: the matched rows of different tasks (different ranks) share one line."""
+    return "lora-qv-matched" if row.startswith("lora-qv-r") else row
+
+
+def cells(results: list[Result], config) -> dict:
+    """{(task, row kind): {seed: final metric in points (x config.tasks[task].scale)}} for the config's tasks."""
+    out = collections.defaultdict(dict)
+    for r in results:
+        task = r.run["task"]
+        if task in config.tasks:
+            value = r.summary["metrics"].get(config.tasks[task].metric)
+            if value is not None:
+                out[(task, _kind(r.run["row"]))][r.run["seed"]] = config.tasks[task].scale * value
+    return out
+
+
+def seed_average(c: dict, kind: str, tasks) -> dict:
+    """{seed: mean over `tasks`} for the seeds that have every task of row `kind`."""
+    seeds = set.intersection(*(set(c.get((t, kind), {})) for t in tasks)) if tasks else set()
+    return {s: float(np.mean([c[(t, kind)][s] for t in tasks])) for s in seeds}
+
+
+def _fmt(m: float, s: float, n: int, full: int) -> str:
+    text = f"{m:.1f}" + ("" if np.isnan(s) else f" ± {s:.1f}")
+    return text + (f" (n={n})" if n != full else "")
+
+
+def _fmt_p(p: float) -> str:
+    return "n/a" if np.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def comparisons(c: dict, tasks, kinds) -> list[dict]:
+    """Every (task or "average", row kind) against lora: mean difference, p, Holm-adjusted p, n."""
+    out = []
+    for kind in [k for k in kinds if k not in ("lora", "base")]:
+        for task in [*tasks, "average"]:
+            a = seed_average(c, kind, tasks) if task == "average" else c.get((task, kind), {})
+            b = seed_average(c, "lora", tasks) if task == "average" else c.get((task, "lora"), {})
+            if a and b:
+                diff, p, n = paired_test(a, b)
+                out.append({"task": task, "kind": kind, "diff": diff, "p": p, "n": n, "a": a, "b": b})
+    tested = [x for x in out if x["kind"] != "lora-qv-matched" and x["task"] != "average"]
+    for x, adj in zip(tested, holm([x["p"] for x in tested]), strict=True):
+        x["p_holm"] = adj
+    return out
+
+
+def verdict(x: dict) -> str:
+    """One plain sentence for one comparison against LoRA."""
+    name = "the average" if x["task"] == "average" else x["task"].upper()
+    a, b = mean_std(x["a"].values()), mean_std(x["b"].values())
+    head = f"{name}: {row_label(x['kind'])} {a[0]:.1f} vs LoRA {b[0]:.1f} (Δ {x['diff']:+.1f}, {x['n']} paired seeds"
+    if np.isnan(x["p"]):
+        return head + "): too few seeds for a test."
+    head += f", p = {_fmt_p(x['p'])}" + (f", Holm p = {_fmt_p(x['p_holm'])}" if "p_holm" in x else "") + ")"
+    if x["p"] >= ALPHA:
+        return head + ": no significant difference" + (" (higher but not significant)." if x["diff"] > 0 else ".")
+    better = "significantly better than LoRA" if x["diff"] > 0 else "significantly worse than LoRA"
+    held = "" if "p_holm" not in x else (" and after Holm correction" if x["p_holm"] < ALPHA else ", not after Holm")
+    return f"{head}: {better} at p < {ALPHA}{held}."
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _med(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else float("nan")
+
+
+def spectrum_table(results: list[Result], tasks, kinds) -> list[list[str]]:
+    """Per task and row: stable rank, effective rank, ‖ΔW‖_F (means over matrices; mean over seeds), T eigenvalues."""
+    rows = []
+    for task in tasks:
+        for kind in kinds:
+            runs = [r for r in results if r.run["task"] == task and _kind(r.run["row"]) == kind and r.analysis]
+            if not runs:
+                continue
+            per_run = lambda key, runs=runs: np.mean([np.mean([a[key] for a in r.analysis["adapters"]]) for r in runs])
+            eig = [a for r in runs for a in r.analysis["adapters"] if a["t_eig"] is not None]
+            zs = np.array([complex(*z) for a in eig for z in a["t_eig"]]) if eig else np.array([])
+            complex_frac = f"{np.mean(np.abs(zs.imag) > 1e-6 * np.abs(zs).max()):.2f}" if zs.size else "—"
+            min_re = f"{zs.real.min():.3g}" if zs.size else "—"
+            rows.append(
+                [
+                    task,
+                    row_label(kind),
+                    f"{per_run('stable_rank'):.2f}",
+                    f"{per_run('effective_rank'):.2f}",
+                    f"{per_run('frob_norm'):.3g}",
+                    min_re,
+                    complex_frac,
+                    str(len(runs)),
+                ]
+            )
+    return rows
+
+
+def _grid_text(config, results: list[Result], planned: list[study.Run]) -> list[str]:
+    machines = sorted({f"{r.run['machine']['cpu']} ({r.run['machine']['cpus']} CPUs)" for r in results})
+    dates = sorted(r.run["finished_utc"] for r in results)
+    loads = [r.run["machine"]["load_avg"][0] for r in results]
+    lines = [
+        f"Grid `{config.grid}` (configs/study.py): structures {', '.join(config.structures)}; seeds "
+        f"{', '.join(map(str, config.seeds))}; {len(planned)} planned runs, {len(results)} finished."
+    ]
+    for task, t in config.tasks.items():
+        unit = " x 100" if t.scale == 100 else ""
+        lines.append(
+            f"- **{task}** ({t.entry}, `{t.config}`, metric `{t.metric}`{unit}): {t.description}. "
+            f"Flags: `{' '.join(t.flags)}`."
+        )
+    lines.append(
+        f"- Machine: {'; '.join(machines) or '—'}; 1-minute load average at the end of the runs: "
+        f"median {_med(loads):.1f}, max {max(loads, default=float('nan')):.1f} (shared machine: step "
+        f"times are indicative, ratios within one task are the comparable part)."
+    )
+    lines.append(
+        f"- Runs finished {dates[0] if dates else '—'} to {dates[-1] if dates else '—'} (UTC); commits "
+        f"{', '.join(sorted({r.run['git_commit'][:7] for r in results})) or '—'}."
+    )
+    return lines
+
+
+def render(config, results: list[Result], figures: dict[str, str], planned: list[study.Run]) -> str:
+    """The markdown of RESULTS.md (figures: name -> path relative to the report)."""
+    tasks = [t for t in config.tasks if any(r.run["task"] == t for r in results)]
+    c, full = cells(results, config), len(config.seeds)
+    kinds = [k for k in [*config.structures, "lora-qv-matched", "base"] if any(k == kk for _, kk in c)]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# Structure study: MTLoRA structures vs LoRA",
+        "",
+        f"Generated by `python -m train.report --config configs/study.py` on {now} from `{config.results_dir}/` "
+        "(do not edit by hand; rerun the command).",
+        "",
+        *_grid_text(config, results, planned),
+        "",
+    ]
+    cmp = comparisons(c, tasks, kinds)
+    out += ["## Where MTLoRA does and does not beat LoRA", ""]
+    mt_cmp = [x for x in cmp if x["kind"] in ("shim", "icfm", "ctcm", "dtsm") and x["task"] != "average"]
+    if mt_cmp:
+        better = [x for x in mt_cmp if not np.isnan(x["p"]) and x["p"] < ALPHA and x["diff"] > 0]
+        worse = [x for x in mt_cmp if not np.isnan(x["p"]) and x["p"] < ALPHA and x["diff"] < 0]
+        holm_better = [x for x in better if x.get("p_holm", 1) < ALPHA]
+        out.append(
+            f"Of {len(mt_cmp)} MTLoRA-vs-LoRA comparisons (structure x task, paired over seeds, same targets, "
+            f"rank, lr and steps), MTLoRA was significantly better in {len(better)} ({len(holm_better)} after "
+            f"Holm correction over all {len(mt_cmp)}), significantly worse in {len(worse)}, and not "
+            f"distinguishable from LoRA in {len(mt_cmp) - len(better) - len(worse)}. With 3 seeds a paired "
+            "t-test detects only differences that are large against the seed-to-seed spread."
+        )
+        out.append("")
+    for task in [*tasks, "average"]:
+        sentences = [verdict(x) for x in cmp if x["task"] == task]
+        out += [f"- {s}" for s in sentences]
+    out += ["", f"## Scores (final evaluation in points, mean ± std over seeds; n shown when < {full})", ""]
+    table = []
+    for kind in kinds:
+        cols = [_fmt(*mean_std(c[(t, kind)].values()), full) if (t, kind) in c else "—" for t in tasks]
+        avg = seed_average(c, kind, tasks)
+        table.append([row_label(kind), *cols, _fmt(*mean_std(avg.values()), full) if avg else "—"])
+    out += _table(["row", *tasks, "average"], table)
+    out += ["", "## Difference to LoRA (same targets), paired t-test across seeds", ""]
+    diff_rows = []
+    for kind in [k for k in kinds if k not in ("lora", "base")]:
+        cols = []
+        for task in [*tasks, "average"]:
+            x = next((x for x in cmp if x["task"] == task and x["kind"] == kind), None)
+            cols.append("—" if x is None else f"{x['diff']:+.1f} (p {_fmt_p(x['p'])})")
+        diff_rows.append([row_label(kind), *cols])
+    out += _table(["row", *tasks, "average"], diff_rows)
+    out += ["", "## Cost: trainable parameters and median step time", "", _matched_text(config, tasks), ""]
+    cost = []
+    for kind in kinds:
+        cols = []
+        for task in tasks:
+            runs = [r for r in results if r.run["task"] == task and _kind(r.run["row"]) == kind]
+            lora = [r.run["step_time_s"] for r in results if r.run["task"] == task and r.run["row"] == "lora"]
+            t_step, t_lora = _med(r.run["step_time_s"] for r in runs), _med(lora)
+            ratio = f", {t_step / t_lora:.2f}x" if kind != "lora" and t_lora > 0 and not np.isnan(t_step) else ""
+            params = f"{runs[0].summary['trainable_params']:,}" if runs else "—"
+            cols.append("—" if not runs else f"{params}; {t_step:.2f} s{ratio}" if not np.isnan(t_step) else params)
+        cost.append([row_label(kind), *cols])
+    out += _table(["row", *tasks], cost)
+    out += [
+        "",
+        "Trainable parameters include the task head; step time is the median over a run's log intervals "
+        "(compile excluded), median over seeds, and the ratio to LoRA on the same task.",
+        "",
+    ]
+    out += [
+        "## ΔW spectra and eigenvalues of T (train.analyze on the final adapters)",
+        "",
+        "Every structure parameterizes the same set of updates (rank <= r matrices: an invertible T can be "
+        "absorbed into B), so any difference in the learned spectra comes from the optimization path, not from "
+        "what the structures can express. Means over all adapted matrices and layers, then over seeds; "
+        "'complex λ(T)' is the fraction of eigenvalues with a non-zero imaginary part.",
+        "",
+    ]
+    header = ["task", "row", "stable rank", "effective rank", "‖ΔW‖_F", "min Re λ(T)", "complex λ(T)", "runs"]
+    out += _table(header, spectrum_table(results, tasks, kinds))
+    out += ["", "## Figures", ""] + [f"![{name}]({path})" for name, path in figures.items()]
+    missing = [r.run_id for r in planned if not any(x.run["run_id"] == r.run_id for x in results)]
+    out += ["", f"## Missing runs ({len(missing)} of {len(planned)})", ""]
+    out.append("None: the grid is complete." if not missing else ", ".join(f"`{m}`" for m in missing))
+    return "\n".join(out) + "\n"
+
+
+def _matched_text(config, tasks) -> str:
+    """Adapter parameters per layer of each row, and how close LoRA at the same rank already is to MTLoRA's."""
+    parts, excess, seen = [], [], set()
+    for task in tasks:
+        t = config.tasks[task]
+        rank = int(dict(f.split("=", 1) for f in t.flags).get("mtlora.rank", 0))
+        if not rank or (t.model, rank) in seen:
+            continue
+        seen.add((t.model, rank))
+        shapes = study_config.target_shapes(t.model, "mtlora-paper")
+        n = {s: study_config.adapter_params(shapes, rank, s) for s in study_config.STRUCTURES}
+        up = study_config.adapter_params(shapes, rank + 1, "lora")
+        qv = study_config.adapter_params(study_config.target_shapes(t.model, "lora-qv"), t.matched_rank, "lora")
+        excess.append(max(n.values()) / n["lora"] - 1)
+        parts.append(
+            f"{t.model} (r={rank}): LoRA {n['lora']:,}, SHIM/ICFM {n['shim']:,}, CTCM/DTSM {n['ctcm']:,}, "
+            f"LoRA r={rank + 1} {up:,}; matched LoRA q,v r={t.matched_rank} {qv:,}"
+        )
+    if not parts:
+        return ""
+    return (
+        "Parameter matching (adapter parameters per layer, configs/study.py:matched_rank): " + "; ".join(parts) + ". "
+        f"MTLoRA's T adds at most {100 * max(excess):.1f}% to LoRA at the same rank and targets, so that LoRA row is "
+        "already the parameter-matched one; the matched row spends the MTLoRA budget on q, v only (the LoRA paper's "
+        "placement, which the MTLoRA paper compares against at rank r)."
+    )
+
+
+def write_report(config, results_dir: str, out: str, figures_dir: str) -> str:
+    """Renders `out` (markdown) and the figures from `results_dir`; returns the markdown."""
+    results = load_results(results_dir)
+    figures = report_plots.plot_all(config, results, figures_dir) if results else {}
+    rel = {k: os.path.relpath(v, os.path.dirname(os.path.abspath(out))) for k, v in figures.items()}
+    text = render(config, results, rel, study.plan(config))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
+    return text
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a script: importing the module defines none)."""
+    config_flags.DEFINE_config_file("config", "configs/study.py", "Study config, e.g. configs/study.py:offline.")
+    flags.DEFINE_string("results_dir", None, "Override config.results_dir.")
+    flags.DEFINE_string("out", None, "Override config.report (the markdown file).")
+    flags.DEFINE_string("figures_dir", None, "Override config.figures_dir.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    c = flags.FLAGS.config
+    results_dir = flags.FLAGS.results_dir or os.path.join(study.REPO, c.results_dir)
+    out = flags.FLAGS.out or os.path.join(study.REPO, c.report)
+    write_report(c, results_dir, out, flags.FLAGS.figures_dir or os.path.join(study.REPO, c.figures_dir))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
