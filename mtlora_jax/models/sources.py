@@ -101,7 +101,7 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     else:
         raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
     tensors = {}
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # this process's own CPU (multi-process runs)
     for name in files:
         # framework="flax" reads every dtype incl. bfloat16 (the numpy API rejects it); kept on the CPU.
         with jax.default_device(cpu), safe_open(folder / name, framework="flax") as f:

@@ -118,8 +118,7 @@ def unstack_params(params: dict, family: str) -> dict:
     root, layer, scanned = LAYERS[check_family(family)]
     body = dict(params[root])
     stacked = body.pop(scanned)
-    first = jax.tree.leaves(stacked, is_leaf=is_adapted)[0]
-    n = (first.w if is_adapted(first) else first).shape[0]
+    n = jax.tree.leaves(stacked)[0].shape[0]  # any array: also a trainable half (w None, frozen leaves None)
     body.update(
         {f"{layer}_{i}": jax.tree.map(lambda a, i=i: _take(a, i), stacked, is_leaf=is_adapted) for i in range(n)}
     )
