@@ -101,15 +101,23 @@ def _take(flat, path, like, source):
     return jax.numpy.asarray(value, dtype=like.dtype)
 
 
-def _checkpointer() -> ocp.Checkpointer:
-    """A composite checkpointer with items "adapters", "opt_state" (Standard) and "meta" (JSON)."""
+def handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Orbax handlers of an adapter checkpoint: items "adapters", "opt_state" (Standard) and "meta" (JSON).
+
+    Shared with the training loop's CheckpointManager (train/checkpoints.py), so every training step folder is
+    also an adapter checkpoint."""
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item in ("adapters", "opt_state"):
         registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
         registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
     registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
     registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+    return registry
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    """A composite checkpointer with the items of `handler_registry`."""
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=handler_registry()))
 
 
 def save_adapters(path, params, *, extra_trainable=(), opt_state=None, step: int | None = None) -> str:

@@ -18,9 +18,10 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 import mtlora_jax as mt
-from mtlora_jax.checkpoint import adapter_meta
+from mtlora_jax.checkpoint import adapter_meta, handler_registry
 
 ITEMS = ("adapters", "opt_state", "meta")
 
@@ -29,15 +30,18 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     """A synchronous CheckpointManager over `<workdir>/checkpoints` keeping the last `keep` steps."""
     if keep < 1:
         raise ValueError(f"config.keep_checkpoints={keep}: expected >= 1")
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for item in ("adapters", "opt_state"):
-        registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
-        registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-    registry.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
-    registry.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    registry = handler_registry()  # the items of mt.save_adapters
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+def _host(tree):
+    """Whole numpy copies of a (small, adapter-sized) tree on every process: `jax.device_get` in one process, an
+    all-gather of the shards in a multi-process run (where no process holds every shard)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def save(mngr: ocp.CheckpointManager, state, frozen, extra_trainable, train_meta: dict) -> int:
@@ -46,8 +50,8 @@ def save(mngr: ocp.CheckpointManager, state, frozen, extra_trainable, train_meta
     full = mt.combine(state.params, frozen)
     # Adapter-sized host copies: Orbax writes numpy at once, while each replicated device array costs it a
     # transfer plan (seconds per save on a CPU mesh).
-    flat = jax.device_get(mt.adapter_state(full, extra_trainable))
-    opt_state = jax.device_get(state.opt_state)
+    flat = _host(mt.adapter_state(full, extra_trainable))
+    opt_state = _host(state.opt_state)
     meta = {
         "adapters": adapter_meta(full),
         "arrays": {p: [list(v.shape), str(v.dtype)] for p, v in flat.items()},
