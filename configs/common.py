@@ -65,8 +65,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Compute dtype: "float32" or "bfloat16" (params stay float32).
     c.dtype = "float32"
-    # Device mesh axis sizes; -1 takes all remaining devices.
-    c.mesh = ml_collections.ConfigDict({"data": -1})
+    add_scale_out(c, scan_layers=False)
     # Evaluate on every dev example every N steps; -1 = once per epoch.
     c.eval_every_steps = -1
     # Save a checkpoint (adapters, head, optimizer state, step) every N steps; -1 = at every evaluation.
@@ -81,21 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.max_train_examples = -1
     # Use only the first N examples of each dev split; -1 = all.
     c.max_eval_examples = -1
-    c.mtlora = ml_collections.ConfigDict()
-    # Transformation T between A and B: "lora" (T = I), "shim", "icfm", "ctcm", "dtsm".
-    c.mtlora.structure = "shim"
-    # Adapter rank r.
-    c.mtlora.rank = 8
-    # Scale numerator: dW = alpha / rank * B T A.
-    c.mtlora.alpha = 16.0
-    # Dropout on the adapter input.
-    c.mtlora.dropout = 0.0
-    # Adapted weights (mtlora_jax.models.presets): "mtlora-paper" (q, v, FFN in and out), "lora-qv", "all-linear".
-    c.mtlora.targets_preset = "mtlora-paper"
-    # More target regexes (re.fullmatch over "/"-joined param paths), added to the preset's.
-    c.mtlora.extra_targets = ()
-    # More trainable non-adapter param regexes, beside the task head (mtlora_jax.models.presets.head_targets).
-    c.mtlora.extra_trainable = ()
+    # Adapters: r = 8, alpha = 16, no adapter dropout (the reference's GLUE recipe).
+    c.mtlora = mtlora_config(rank=8, alpha=16.0, dropout=0.0)
     c.lock()
     return c
 
@@ -163,6 +149,63 @@ def _check(ok: bool, key: str, value, expected: str) -> None:
         raise ValueError(f"config.{key}={value!r}: expected {expected}")
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+BASE_DTYPES = ("float32", "bfloat16")
+DISTRIBUTED = ("auto", "on", "off")
+
+
+def mtlora_config(*, rank: int, alpha: float, dropout: float) -> ml_collections.ConfigDict:
+    """The `config.mtlora` block shared by the GLUE and NLG configs (built into an mt.MTLoRAConfig by the entry)."""
+    m = ml_collections.ConfigDict()
+    # Transformation T between A and B: "lora" (T = I), "shim", "icfm", "ctcm", "dtsm".
+    m.structure = "shim"
+    # Adapter rank r.
+    m.rank = rank
+    # Scale numerator: dW = alpha / rank * B T A.
+    m.alpha = alpha
+    # Dropout on the adapter input (training only).
+    m.dropout = dropout
+    # Adapted weights (mtlora_jax.models.presets): "mtlora-paper" (q, v and the FFN; GPT-2: c_attn q, v under one
+    # joint T, and c_fc), "lora-qv", "all-linear".
+    m.targets_preset = "mtlora-paper"
+    # More target regexes (re.fullmatch over "/"-joined param paths), added to the preset's.
+    m.extra_targets = ()
+    # More trainable non-adapter param regexes, beside the task head (mtlora_jax.models.presets.head_targets;
+    # decoders have none: the LM head stays frozen).
+    m.extra_trainable = ()
+    return m
+
+
+def add_scale_out(c: ml_collections.ConfigDict, *, scan_layers: bool) -> None:
+    """The scale-out keys shared by the GLUE and NLG configs (mesh, distributed, base_dtype, scan_layers, remat)."""
+    # Device mesh axis sizes: "data" (batch split), "fsdp" (batch and base weights split), "tensor" (heads / FFN
+    # split); -1 takes all remaining devices; e.g. --config.mesh.data=2 --config.mesh.fsdp=4. Adapters follow
+    # their base weight's split.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Multi-process (multi-host) start: "auto" (when the environment describes one: TPU pod, SLURM, Open MPI,
+    # JAX_COORDINATOR_ADDRESS), "on" or "off".
+    c.distributed = "auto"
+    # Storage dtype of the frozen base matrices: "float32" or "bfloat16" (half the memory; adapters stay fp32).
+    c.base_dtype = "float32"
+    # Build the model with nn.scan over its layers (one compiled layer, stacked params and adapters).
+    c.scan_layers = scan_layers
+    # Rematerialise each layer's activations in the backward pass (less memory, ~1/3 more compute).
+    c.remat = False
+
+
+def check_scale_out(c: ml_collections.ConfigDict) -> None:
+    """Checks mesh, distributed, base_dtype (shared by the GLUE and NLG configs); raises naming the key."""
+    sizes = list(c.mesh.values())
+    _check(
+        all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1 and set(c.mesh.keys()) <= set(MESH_AXES),
+        "mesh",
+        c.mesh.to_dict(),
+        f"axes among {', '.join(MESH_AXES)} with sizes > 0 and at most one -1",
+    )
+    _check(c.distributed in DISTRIBUTED, "distributed", c.distributed, f"one of {', '.join(DISTRIBUTED)}")
+    _check(c.base_dtype in BASE_DTYPES, "base_dtype", c.base_dtype, f"one of {', '.join(BASE_DTYPES)}")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the values of a GLUE config; raises ValueError naming the first bad key. Returns `config`."""
     c, m = config, config.mtlora
@@ -190,13 +233,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(0 <= c.warmup_ratio < 1, "warmup_ratio", c.warmup_ratio, "in [0, 1)")
     _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
     _check(c.dtype in DTYPES, "dtype", c.dtype, f"one of {', '.join(DTYPES)}")
-    sizes = list(c.mesh.values())
-    _check(
-        all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
-        "mesh",
-        c.mesh.to_dict(),
-        "axis sizes > 0 with at most one -1",
-    )
+    check_scale_out(c)
     for key in ("max_train_examples", "max_eval_examples"):
         _check(c[key] == -1 or c[key] > 0, key, c[key], "-1 (all) or > 0")
     _check(m.structure in STRUCTURES, "mtlora.structure", m.structure, f"one of {', '.join(STRUCTURES)}")

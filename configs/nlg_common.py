@@ -78,10 +78,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Compute dtype: "float32" or "bfloat16" (params stay float32).
     c.dtype = "float32"
-    # Run the decoder blocks with nn.scan (one compile for all layers) instead of unrolled.
-    c.scan_layers = True
-    # Device mesh axis sizes; -1 takes all remaining devices.
-    c.mesh = ml_collections.ConfigDict({"data": -1})
+    # mesh, distributed, base_dtype, scan_layers (nn.scan over the decoder blocks: one compile), remat.
+    common.add_scale_out(c, scan_layers=True)
     # Decode and score eval_split every N steps during training; -1 = only after the last step.
     c.eval_every_steps = -1
     # Save a checkpoint (adapters, optimizer state, step) every N steps; the last step is always saved.
@@ -115,21 +113,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Most tokens generated per input.
     c.max_new_tokens = 64
     # MTLoRA adapters (mtlora_jax.MTLoRAConfig, built in train/nlg_train.py:mtlora_config).
-    c.mtlora = ml_collections.ConfigDict()
-    # Transformation T between A and B: "lora" (T = I), "shim", "icfm", "ctcm", "dtsm".
-    c.mtlora.structure = "shim"
-    # Adapter rank r.
-    c.mtlora.rank = 4
-    # Scale numerator: dW = alpha / rank * B T A.
-    c.mtlora.alpha = 32.0
-    # Dropout on the adapter input (training only).
-    c.mtlora.dropout = 0.1
-    # Adapted weights (mtlora_jax.models.presets): "mtlora-paper" (GPT-2 c_attn q,v joint T + c_fc), ...
-    c.mtlora.targets_preset = "mtlora-paper"
-    # More target regexes (re.fullmatch over "/"-joined param paths), added to the preset's.
-    c.mtlora.extra_targets = ()
-    # More trainable non-adapter param regexes (none by default: the LM head stays frozen).
-    c.mtlora.extra_trainable = ()
+    c.mtlora = common.mtlora_config(rank=4, alpha=32.0, dropout=0.1)
     c.lock()
     return c
 
@@ -197,8 +181,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(c.length_penalty >= 0, "length_penalty", c.length_penalty, ">= 0")
     _check(c.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", c.no_repeat_ngram_size, ">= 0 (0 = off)")
     _check(c.dtype in common.DTYPES, "dtype", c.dtype, f"one of {', '.join(common.DTYPES)}")
-    sizes = list(c.mesh.values())
-    _check(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh", c.mesh.to_dict(), "sizes > 0, one -1")
+    common.check_scale_out(c)
     for key in ("train_subset", "eval_subset"):
         _check(c[key] in SUBSETS, key, c[key], f"one of {', '.join(SUBSETS)}")
     for key in ("max_train_examples", "eval_max_examples"):

@@ -15,6 +15,10 @@ from train import glue_tasks
 
 CONFIGS = pathlib.Path(configs.__file__).parent
 REQUIRED = {
+    "distributed",
+    "base_dtype",
+    "remat",
+    "scan_layers",
     "model",
     "task",
     "data_dir",

@@ -11,11 +11,14 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import nlg_common
+from configs import common, nlg_common
 
 CONFIGS = pathlib.Path(nlg_common.__file__).parent
 TASKS = ("e2e", "webnlg", "dart")
 REQUIRED = {
+    "distributed",
+    "base_dtype",
+    "remat",
     "model", "task", "data_dir", "eval_split", "num_epochs", "num_train_steps", "batch_size", "max_length",
     "length_buckets", "learning_rate", "warmup_steps", "weight_decay", "label_smoothing", "seed", "dtype",
     "scan_layers", "mesh", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
@@ -54,8 +57,9 @@ def test_keys(task, arg):
 
 
 def test_one_comment_above_every_field():
-    lines = inspect.getsource(nlg_common.get_base_config).splitlines()
-    fields = [i for i, line in enumerate(lines) if re.match(r"\s+c\.[\w.]+ = ", line)]
+    sources = (nlg_common.get_base_config, common.add_scale_out, common.mtlora_config)  # shared with GLUE
+    lines = [line for f in sources for line in inspect.getsource(f).splitlines()]
+    fields = [i for i, line in enumerate(lines) if re.match(r"\s+[cm]\.[\w.]+ = ", line)]
     assert len(fields) == len(REQUIRED) + len(MTLORA)
     for i in fields:
         assert lines[i - 1].strip().startswith("# "), f"no comment above {lines[i].strip()!r}"

@@ -24,7 +24,7 @@ from absl import logging
 import mtlora_jax as mt
 from configs import common
 from mtlora_jax import models
-from train import checkpoints, glue_data, glue_tasks, loop, reporting
+from train import checkpoints, glue_data, glue_tasks, loop, placement, reporting
 from train import input_pipeline as ip
 from train import mesh as mesh_lib
 from train import metrics as glue_metrics
@@ -51,12 +51,15 @@ def check_sources(config, spec: glue_tasks.TaskSpec) -> None:
         )
 
 
-def load_model(config, spec: glue_tasks.TaskSpec):
-    """(module, params, tokenizer, head) for config.model with the task's head; errors name --config.model."""
+def load_model(config, spec: glue_tasks.TaskSpec, mesh=None):
+    """(module, params, tokenizer, head) for config.model with the task's head; errors name --config.model.
+
+    The weights go from the host straight to their shards on `mesh` (None: the default device)."""
     head = "regression" if spec.is_regression else "classification"
+    kw = dict(dtype=DTYPES[config.dtype], scan_layers=config.scan_layers, remat=config.remat, mesh=mesh)
     try:
         module, params = models.from_pretrained(
-            config.model, head=head, num_labels=spec.num_labels, dtype=DTYPES[config.dtype], seed=config.seed
+            config.model, head=head, num_labels=spec.num_labels, seed=config.seed, **kw
         )
         tokenizer = models.load_tokenizer(config.model)
     except (OSError, ValueError, KeyError) as e:
@@ -74,6 +77,7 @@ def mtlora_config(config, family: str, head: str) -> tuple[mt.MTLoRAConfig, tupl
         targets=models.targets(m.targets_preset, family) + tuple(m.extra_targets),
         dropout=m.dropout,
         fused=models.fused(m.targets_preset, family),
+        stack_ndim=models.stack_ndim(family) if config.scan_layers else {},
     )
     return cfg, models.head_targets(family, head) + tuple(m.extra_trainable)
 
@@ -106,6 +110,7 @@ def make_loss_fn(module, regression: bool):
     def loss_fn(params, frozen, batch, rng):
         adapter_rng, dropout_rng = jax.random.split(rng)
         out = _forward(module, params, frozen, batch, rng=adapter_rng, dropout_rng=dropout_rng)
+        out = out.astype(jnp.float32)  # the loss (and its softmax) in fp32 under bf16 compute
         w = batch["weights"]  # [batch]: 0 for padding rows
         if regression:
             return jnp.sum(w * (out - batch["labels"]) ** 2), {"weight": jnp.sum(w)}
@@ -148,10 +153,7 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
     t0 = time.perf_counter()
     common.validate(config)
     spec = glue_tasks.get_task(config.task)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    workdir, main_process = reporting.start_run(config, workdir)
     mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     mesh = mesh_lib.make_mesh(config.mesh)
     micro = config.batch_size // config.grad_accum_steps
@@ -161,7 +163,7 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
 
     # Model and data. Failures name the config key to change.
     check_sources(config, spec)
-    module, base, tokenizer, head = load_model(config, spec)
+    module, base, tokenizer, head = load_model(config, spec, mesh)
     buckets = ip.bucket_lengths(config.length_buckets, config.max_length)
     train = ip.load_encoded(config, "train", tokenizer)
     dev = {split: ip.load_encoded(config, split, tokenizer) for split in spec.dev_splits}
@@ -173,17 +175,20 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
         "%s: %d train examples, %d steps/epoch, %d steps, buckets %s", spec.name, len(train), per_epoch, total, buckets
     )
 
-    # Adapters (optionally from an earlier run, without its head), the frozen half, the sharded train state.
+    # Adapters (optionally from an earlier run, without its head), both halves placed on the mesh (the base
+    # sharded by its logical axes, each adapter like its base weight), the sharded train state.
     params, heads = add_adapters(config, module, base, head)
     trainable_params, _ = mt.count_params(params, heads)
     logging.info("%s", mt.summary(params, heads))
-    trainable, frozen = mt.split(params, heads)
-    frozen_shardings = mesh_lib.tree_shardings(mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
+    family = models.family(module)
+    trainable, frozen, shardings = placement.place(
+        params, heads, family=family, mesh=mesh, base_dtype=config.base_dtype
+    )
+    frozen_shardings = shardings.frozen
     schedule = loop.make_schedule(config.learning_rate, total, int(config.warmup_ratio * total))
     tx = loop.make_optimizer(schedule, config.weight_decay, trainable, heads)
     rng = loop.rng_key(config.seed)
-    state, state_shardings = loop.create_train_state(trainable, tx, rng, mesh)
+    state, state_shardings = loop.create_train_state(trainable, tx, rng, mesh, shardings.trainable)
     state, record = checkpoints.restore_latest(mngr, state, frozen, heads)
     record = record or {"best": {}, "best_step": 0, "wall_time_s": 0.0}
     start = int(jax.device_get(state.step))
@@ -210,8 +215,8 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
     )
     main = glue_metrics.main_metric(spec.name)
     batches = ip.train_batches(train, batch_size=config.batch_size, buckets=buckets, seed=config.seed, start_step=start)
-    writer = reporting.MetricWriter(workdir, start)
-    progress = reporting.Progress(total, start, config.batch_size)
+    writer = reporting.MetricWriter(workdir, start, active=main_process)
+    progress = reporting.Progress(total, start, config.batch_size, active=main_process)
     last, metrics, interval, n_interval = {}, None, None, 0
     for step in range(start, total):
         state, metrics = train_step(state, frozen, mesh_lib.shard_batch(next(batches), mesh))
@@ -260,7 +265,8 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
         "trainable_params": int(trainable_params),
         "wall_time_s": record["wall_time_s"] + time.perf_counter() - t0,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if main_process:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     logging.info("summary: %s", json.dumps(summary))
     return summary

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import mtlora_jax as mt
 from train import mesh as mesh_lib
+from train import placement
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -91,7 +92,7 @@ def make_optimizer(schedule: optax.Schedule, weight_decay: float, params, extra_
     return mt.optimizer(tx, params, extra_trainable=extra_trainable)
 
 
-def create_train_state(params, tx: optax.GradientTransformation, rng: jax.Array, mesh):
+def create_train_state(params, tx: optax.GradientTransformation, rng: jax.Array, mesh, params_shardings=None):
     """The train state born sharded on `mesh`: `jax.jit(init, out_shardings=...)` after `jax.eval_shape`.
 
     Args:
@@ -99,12 +100,19 @@ def create_train_state(params, tx: optax.GradientTransformation, rng: jax.Array,
       tx: the optimizer.
       rng: PRNG key of the run.
       mesh: the device mesh.
+      params_shardings: NamedShardings of `params` (`placement.place`); the optimizer moments follow them.
+        None: everything replicated.
 
     Returns:
       (state, state shardings).
     """
     init = lambda p, r: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=r)
-    shardings = mesh_lib.tree_shardings(mesh, jax.eval_shape(init, params, rng))
+    if params_shardings is None:
+        shardings = mesh_lib.tree_shardings(mesh, jax.eval_shape(init, params, rng))
+    else:
+        rep = mesh_lib.replicated(mesh)
+        opt = placement.opt_state_shardings(tx, params, params_shardings, mesh)
+        shardings = TrainState(step=rep, params=params_shardings, opt_state=opt, rng=rep)
     return jax.jit(init, out_shardings=shardings)(params, rng), shardings
 
 

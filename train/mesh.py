@@ -1,12 +1,18 @@
-"""The device mesh and where arrays live on it: batches split over the data axes, parameters replicated.
+"""The device mesh, the processes behind it, and how batches are split over it.
 
-`config.mesh` is a dict of axis sizes, e.g. {"data": -1} (all devices on the data axis, the default) or
-{"data": 2, "fsdp": 4}; -1 takes the devices left over by the other axes. Batches are sharded along their
-leading (example) axis over every data-parallel axis present (`BATCH_AXES`); every other array (frozen base,
-adapters, head, optimizer state) is replicated. A later scale-out adds sharding rules for parameters here;
-callers only use `make_mesh`, `batch_sharding`, `tree_shardings` and `shard_batch`.
+`config.mesh` is a dict of axis sizes over the axes `AXES`, e.g. {"data": -1} (all devices on the data axis,
+the default), {"data": 2, "fsdp": 4} or {"data": 2, "fsdp": 2, "tensor": 2}; -1 takes the devices left over by
+the other axes. Batches are sharded along their leading (example) axis over every batch axis present
+(`BATCH_AXES`: data and FSDP); parameters are placed by `train.placement` ("fsdp" and "tensor" split the base
+weights).
+
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize()` when the environment describes a
+multi-process job (a TPU pod slice, SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and
+JAX_PROCESS_ID), before any device is touched. Every process then runs the same program on the same global
+batch order (same seed), and `shard_batch` transfers only the rows that its own devices hold.
 """
 
+import os
 from collections.abc import Mapping
 
 import jax
@@ -14,8 +20,53 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# Axes that split the batch (data parallelism), in mesh order.
+# Mesh axes: data parallelism, fully sharded data parallelism (batch and weights split), tensor parallelism.
+AXES = ("data", "fsdp", "tensor")
+# Axes that split the batch, in mesh order.
 BATCH_AXES = ("data", "fsdp")
+# Environment of an explicit multi-process launch (also read by jax.distributed.initialize).
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def multi_process_env(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether `env` describes a job of several processes: explicit JAX variables, SLURM, Open MPI or a TPU pod."""
+    count = lambda key: int(env.get(key, "1") or 1)
+    return bool(
+        env.get(COORDINATOR_ENV)
+        or count("SLURM_NTASKS") > 1
+        or count("OMPI_COMM_WORLD_SIZE") > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+    )
+
+
+def initialize_distributed(mode: str = "auto", env: Mapping[str, str] = os.environ) -> bool:
+    """`jax.distributed.initialize()` for a multi-process job; call before any device is touched.
+
+    Args:
+      mode: config.distributed: "auto" (when `multi_process_env(env)`), "on" (always) or "off" (never).
+      env: the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID when launched by hand;
+        SLURM, Open MPI and Cloud TPU fill them in themselves).
+
+    Returns:
+      Whether this process is part of a distributed job.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.distributed={mode!r}: expected 'auto', 'on' or 'off'")
+    if mode == "off" or (mode == "auto" and not multi_process_env(env)):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = {}
+    if env.get(NUM_PROCESSES_ENV) and env.get(PROCESS_ID_ENV):
+        kwargs = dict(num_processes=int(env[NUM_PROCESSES_ENV]), process_id=int(env[PROCESS_ID_ENV]))
+    jax.distributed.initialize(coordinator_address=env.get(COORDINATOR_ENV) or None, **kwargs)
+    return True
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that writes logs, metrics and summaries (checkpoints are written by all)."""
+    return jax.process_index() == 0
 
 
 def axis_sizes(spec: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -34,6 +85,9 @@ def axis_sizes(spec: Mapping[str, int], num_devices: int) -> dict[str, int]:
     sizes = {str(k): int(v) for k, v in spec.items()}
     if not sizes:
         raise ValueError("config.mesh is empty: give axis sizes such as {'data': -1}")
+    unknown = sorted(set(sizes) - set(AXES))
+    if unknown:
+        raise ValueError(f"config.mesh has unknown axes {unknown}; expected some of {AXES}")
     if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
         raise ValueError(f"config.mesh={sizes}: axis sizes must be > 0, with at most one -1")
     fixed = int(np.prod([v for v in sizes.values() if v != -1]))
@@ -77,7 +131,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def tree_shardings(mesh: Mesh, tree):
-    """Shardings for a tree of parameters or optimizer state (arrays or ShapeDtypeStructs): replicated."""
+    """Replicated shardings for a tree of arrays or ShapeDtypeStructs (a data-parallel-only state)."""
     return jax.tree.map(lambda _: replicated(mesh), tree)
 
 
@@ -95,10 +149,16 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     """Host numpy batch -> global arrays split along axis 0 over the batch axes.
 
     Args:
-      batch: name -> [batch, ...] numpy arrays (this process's rows; one process holds all of them).
+      batch: name -> [batch, ...] numpy arrays: the global batch, the same in every process (same data order);
+        each process transfers only the rows of its own devices.
 
     Returns:
       name -> jax.Array with sharding `batch_sharding(mesh)`.
     """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+    def put(x: np.ndarray) -> jax.Array:  # explicit per-device transfers of this process's devices only
+        rows = sharding.addressable_devices_indices_map(x.shape).items()
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, [jax.device_put(x[i], d) for d, i in rows])
+
+    return {k: put(np.asarray(v)) for k, v in batch.items()}

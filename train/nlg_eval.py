@@ -21,7 +21,7 @@ from absl import logging
 
 import mtlora_jax as mt
 from mtlora_jax import models
-from train import decode, nlg_data, nlg_metrics
+from train import decode, nlg_data, nlg_metrics, placement
 from train import mesh as mesh_lib
 
 
@@ -66,7 +66,8 @@ def make_decoder(module, config, fmt: nlg_data.TokenFormat, mesh):
     """A jitted `decoder(params, ids [B, P], mask [B, P]) -> tokens [B, max_new_tokens]` (best beam).
 
     Beam search with config.beam_size beams, length_penalty and no_repeat_ngram_size; greedy search when
-    beam_size == 1. The batch is split over the mesh's data axes, params replicated.
+    beam_size == 1. Shardings follow the arguments: the batch split over the mesh's data axes (`shard_batch`),
+    the params as `placement.param_shardings`; the tokens come back replicated (readable on every host).
     """
     common = dict(
         max_new_tokens=config.max_new_tokens,
@@ -83,8 +84,7 @@ def make_decoder(module, config, fmt: nlg_data.TokenFormat, mesh):
             decode.beam_search, step, num_beams=config.beam_size, length_penalty=config.length_penalty, **common
         )
         search = lambda params, ids, mask: beam(params, ids, mask).tokens[:, 0]
-    batch = mesh_lib.batch_sharding(mesh)
-    return jax.jit(search, in_shardings=(mesh_lib.replicated(mesh), batch, batch), out_shardings=batch)
+    return jax.jit(search, out_shardings=mesh_lib.replicated(mesh))
 
 
 def make_generate(module, tokenizer, config, mesh) -> Callable[[Any, Sequence[str]], list[str]]:
@@ -107,7 +107,7 @@ def make_generate(module, tokenizer, config, mesh) -> Callable[[Any, Sequence[st
 
     def generate(params, contexts: Sequence[str]) -> list[str]:
         _, plain = decode_params(module, params)
-        plain = jax.device_put(plain, mesh_lib.replicated(mesh))
+        plain = jax.device_put(plain, placement.param_shardings(plain, models.family(module), mesh))
         prompts = [nlg_data.encode_prompt(encode, c, separator=fmt.separator, prefix=fmt.prefix) for c in contexts]
         too_long = sum(len(p) > buckets[-1] for p in prompts)
         if too_long:
@@ -116,7 +116,8 @@ def make_generate(module, tokenizer, config, mesh) -> Callable[[Any, Sequence[st
         texts = [""] * len(prompts)
         for n, (index, ids, mask) in enumerate(prompt_batches(prompts, buckets, config.eval_batch_size, fmt.pad_id)):
             t = time.perf_counter()
-            tokens = np.asarray(decoder(plain, ids, mask))
+            batch = mesh_lib.shard_batch({"ids": ids, "mask": mask}, mesh)
+            tokens = np.asarray(decoder(plain, batch["ids"], batch["mask"]))
             rows = np.flatnonzero(index >= 0)
             logging.info("decoded batch %d: %d inputs, prompt length %d, %.1fs", n, len(rows), ids.shape[1],
                          time.perf_counter() - t)  # fmt: skip
@@ -175,5 +176,6 @@ def evaluate(generate, params, eval_set: nlg_data.EvalSet, task: str, *, seen, w
     """
     hyps = generate(params, eval_set.contexts)
     metrics = score(task, hyps, eval_set.references, eval_set.categories, seen)
-    nlg_metrics.write_outputs(workdir, name, eval_set.contexts, hyps, eval_set.references, metrics)
+    if mesh_lib.is_main_process():
+        nlg_metrics.write_outputs(workdir, name, eval_set.contexts, hyps, eval_set.references, metrics)
     return flat_metrics(metrics)

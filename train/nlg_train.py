@@ -30,15 +30,17 @@ from absl import logging
 import mtlora_jax as mt
 from configs import nlg_common
 from mtlora_jax import models
-from train import checkpoints, glue_data, loop, nlg_data, nlg_eval, reporting
+from train import checkpoints, glue_data, loop, nlg_data, nlg_eval, placement, reporting
 from train import input_pipeline as ip
 from train import mesh as mesh_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_model(config):
-    """(module with an LM head, params, tokenizer) of config.model; errors name --config.model."""
+def load_model(config, mesh=None):
+    """(module with an LM head, params, tokenizer) of config.model; errors name --config.model.
+
+    The weights go from the host straight to their shards on `mesh` (None: the default device)."""
     path = os.path.expanduser(config.model)
     if not os.path.exists(path):
         hint = "pass --config.model=<local HF folder (config.json, model.safetensors, tokenizer) or .gguf file>"
@@ -47,7 +49,7 @@ def load_model(config):
         if not glue_data.hub_offline() and not glue_data.hub_reachable():
             raise OSError(f"config.model={config.model!r} is a hub id but huggingface.co is unreachable; {hint}")
     try:
-        kw = dict(head="lm", dtype=DTYPES[config.dtype], scan_layers=config.scan_layers)
+        kw = dict(head="lm", dtype=DTYPES[config.dtype], scan_layers=config.scan_layers, remat=config.remat, mesh=mesh)
         module, params = models.from_pretrained(config.model, **kw)
         return module, params, models.load_tokenizer(config.model)
     except OSError as e:  # not found, or a hub id that cannot be fetched: name the key to change
@@ -158,10 +160,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     """
     t0 = time.perf_counter()
     nlg_common.validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2))
+    workdir, main_process = reporting.start_run(config, workdir)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.batch_size, mesh)
     mesh_lib.check_batch_size(config.eval_batch_size, mesh, key="eval_batch_size")
@@ -172,7 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     train = [train_all[i] for i in subset(len(train_all), config.max_train_examples, config.train_subset)]
     eval_all = nlg_data.group_references(nlg_data.load_split(config.task, config.data_dir, config.eval_split))
     eval_set = eval_subset(eval_all, config.eval_max_examples, config.eval_subset)
-    module, base, tokenizer = load_model(config)
+    module, base, tokenizer = load_model(config, mesh)
     buckets = ip.bucket_lengths(config.length_buckets, config.max_length)
     seqs, encoded = encode_examples(train, tokenizer, config.max_length)
     per_epoch = ip.steps_per_epoch(encoded, buckets, config.batch_size)
@@ -188,12 +187,16 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     params = mt.init(base, mt_cfg, jax.random.key(config.seed))
     trainable_params, _ = mt.count_params(params, extra)
     logging.info("%s", mt.summary(params, extra))
-    trainable, frozen = mt.split(params, extra)
-    frozen_shardings = mesh_lib.tree_shardings(mesh, frozen)
-    frozen = jax.device_put(frozen, frozen_shardings)
+    family = models.family(module)
+    trainable, frozen, shardings = placement.place(
+        params, extra, family=family, mesh=mesh, base_dtype=config.base_dtype
+    )
+    frozen_shardings = shardings.frozen
     schedule = loop.make_schedule(config.learning_rate, max(total, 1), config.warmup_steps if total else 0)
     tx = loop.make_optimizer(schedule, config.weight_decay, trainable, extra)
-    state, state_shardings = loop.create_train_state(trainable, tx, loop.rng_key(config.seed), mesh)
+    state, state_shardings = loop.create_train_state(
+        trainable, tx, loop.rng_key(config.seed), mesh, shardings.trainable
+    )
     mngr = checkpoints.manager(workdir, config.keep_checkpoints)
     state, record = checkpoints.restore_latest(mngr, state, frozen, extra)
     record = record or {"wall_time_s": 0.0}
@@ -226,8 +229,8 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     batches = train_batches(
         seqs, encoded, batch_size=config.batch_size, buckets=buckets, seed=config.seed, start_step=start
     )
-    writer = reporting.MetricWriter(workdir, start)
-    progress = reporting.Progress(total, start, config.batch_size)
+    writer = reporting.MetricWriter(workdir, start, active=main_process)
+    progress = reporting.Progress(total, start, config.batch_size, active=main_process)
     last, last_eval_step = None, -1
     with reporting.sigterm_flag() as sigterm:
         for step in range(start, total):
@@ -273,6 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
         "trainable_params": int(trainable_params),
         "wall_time_s": record["wall_time_s"] + time.perf_counter() - t0,
     }
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    if main_process:
+        _write_json(os.path.join(workdir, "summary.json"), summary)
     logging.info("summary: %s", json.dumps(summary))
     return summary

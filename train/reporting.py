@@ -15,8 +15,29 @@ import threading
 import time
 
 import tqdm
+from absl import logging
+
+from train import mesh as mesh_lib
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def start_run(config, workdir: str) -> tuple[str, bool]:
+    """Joins a multi-process job if there is one (config.distributed), creates `workdir` and writes config.json.
+
+    Returns:
+      (absolute workdir, whether this is process 0: the one that logs at INFO and writes metrics / summaries).
+    """
+    workdir = os.path.abspath(workdir)
+    mesh_lib.initialize_distributed(config.distributed)
+    main_process = mesh_lib.is_main_process()
+    if not main_process:
+        logging.set_verbosity(logging.WARNING)  # logs from process 0 only
+    os.makedirs(workdir, exist_ok=True)
+    if main_process:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    return workdir, main_process
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -31,10 +52,15 @@ def read_metrics(workdir: str) -> list[dict]:
 class MetricWriter:
     """Appends scalars to `<workdir>/metrics.jsonl` and TensorBoard `<workdir>/tb`."""
 
-    def __init__(self, workdir: str, start_step: int = 0):
-        """Opens the writers; records with step > `start_step` from an earlier (killed) run are dropped."""
+    def __init__(self, workdir: str, start_step: int = 0, active: bool = True):
+        """Opens the writers; records with step > `start_step` from an earlier (killed) run are dropped.
+
+        active=False (every process but process 0 of a multi-host run): writes nothing."""
         import tensorboardX
 
+        self.active = active
+        if not active:
+            return
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
         kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
@@ -46,6 +72,8 @@ class MetricWriter:
 
     def write(self, step: int, kind: str, scalars: dict) -> None:
         """One record: `kind` is "train" or "eval"; scalars are name -> number."""
+        if not self.active:
+            return
         values = {k: float(v) for k, v in scalars.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": int(step), "kind": kind, **values}) + "\n")
@@ -54,15 +82,19 @@ class MetricWriter:
         self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        if self.active:
+            self.tb.close()
 
 
 class Progress:
     """A tqdm bar over steps with loss, learning rate, examples/s and ETA (tqdm's); also the rates to log."""
 
-    def __init__(self, total: int, start: int, batch_size: int):
+    def __init__(self, total: int, start: int, batch_size: int, active: bool = True):
+        """active=False (every process but process 0): the bar is not drawn, the rates are still computed."""
         self.total, self.batch_size = total, batch_size
-        self.bar = tqdm.tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm.tqdm(
+            total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not active
+        )
         self.mark_step, self.mark_time = start, time.perf_counter()
 
     def update(self, step: int, metrics: dict | None = None) -> dict:
