@@ -9,6 +9,7 @@ Simulated devices share this machine's cores, so only the memory ratios carry ov
 throughput column shows the communication and partitioning overhead each layout adds on one host.
 
     python -m bench.mesh_scaling --layers 2 --batch 16 --seq 128 --rounds 3 [--scan]
+    python -m bench.mesh_scaling --layers 12 --rounds 1 --meshes 2,2,2 [--scan]   # compile time vs scan
 """
 
 import os
@@ -16,6 +17,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -28,8 +30,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mtlora_jax as mt  # noqa: E402
 from mtlora_jax import models  # noqa: E402
-from mtlora_jax.models import partitioning  # noqa: E402
 from mtlora_jax.models.config import EncoderConfig  # noqa: E402
+from train import placement  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2), (1, 1, 8))
 
@@ -60,21 +62,12 @@ def build(layers: int, scan: bool):
 
 def run(module, params, shape, batch: int, seq: int, rounds: int):
     mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
-    specs = mt.partition_specs(params, partitioning.base_spec_fn("roberta", mesh), mesh)
     head = models.head_targets("roberta", "classification")
-    tr_spec, fr_spec = mt.split(specs, head)
-    tr_s, fr_s = mt.named_shardings(tr_spec, mesh), mt.named_shardings(fr_spec, mesh)
-    tr, fr = mt.split(params, head)
+    tr, fr, shardings = placement.place(params, head, family="roberta", mesh=mesh)  # as train.glue places them
+    tr_s, fr_s = shardings
+    tr = jax.device_put(jax.tree.map(jnp.copy, tr), tr_s)  # donated below: never alias the caller's arrays
     tx = mt.optimizer(optax.adamw(1e-4), tr, head)
-    opt_s = jax.tree.map(lambda _: NamedSharding(mesh, P()), jax.eval_shape(tx.init, tr))
-    opt_s = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        opt_s,
-        tr_s,
-        transform_non_params=lambda s: s,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    opt_s = placement.opt_state_shardings(tx, tr, tr_s, mesh)
     batch_s = NamedSharding(mesh, P(("data", "fsdp"), None))
     ids = jax.random.randint(jax.random.key(2), (batch, seq), 0, 1024)
     labels = jnp.arange(batch) % 2
@@ -94,11 +87,11 @@ def run(module, params, shape, batch: int, seq: int, rounds: int):
         out_shardings=(tr_s, opt_s, NamedSharding(mesh, P())),
         donate_argnums=(0, 1),
     )
-    tr = jax.device_put(jax.tree.map(jnp.copy, tr), tr_s)  # donated below: never alias the caller's arrays
     opt = jax.jit(tx.init, out_shardings=opt_s)(tr)
-    fr = jax.device_put(fr, fr_s)
     args = (ids, labels)
+    t0 = time.perf_counter()
     compiled = jitted.lower(tr, opt, fr, *args).compile()
+    compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     per_device = (mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
     tr, opt, _ = jitted(tr, opt, fr, *args)  # warm up
@@ -108,7 +101,7 @@ def run(module, params, shape, batch: int, seq: int, rounds: int):
         tr, opt, loss = jitted(tr, opt, fr, *args)
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
-    return batch * seq / statistics.median(times), per_device
+    return batch * seq / statistics.median(times), per_device, compile_s
 
 
 def main():
@@ -118,23 +111,28 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scan", action="store_true", help="nn.scan over layers (stacked params)")
+    ap.add_argument("--meshes", nargs="+", default=[",".join(map(str, m)) for m in MESHES],
+                    help="(data,fsdp,tensor) shapes as d,f,t; the first is the ratios' base")  # fmt: skip
     args = ap.parse_args()
+    meshes = [tuple(int(n) for n in m.split(",")) for m in args.meshes]
+    if any(len(m) != 3 or math.prod(m) != jax.device_count() for m in meshes):
+        raise SystemExit(f"--meshes {args.meshes}: each needs 3 sizes whose product is {jax.device_count()}")
     module, params = build(args.layers, args.scan)
-    rows = {s: run(module, params, s, args.batch, args.seq, args.rounds) for s in MESHES}
-    base_tps, (base_arg, base_tmp) = rows[MESHES[0]]
+    rows = {s: run(module, params, s, args.batch, args.seq, args.rounds) for s in meshes}
+    base_tps, (base_arg, base_tmp), _ = rows[meshes[0]]
     print(
         f"{jax.device_count()} simulated {jax.devices()[0].platform} devices, jax {jax.__version__}; "
         f"{args.layers} layers x 768{' (scan)' if args.scan else ''}, batch {args.batch} x {args.seq}, "
         f"MTLoRA ctcm r=8 on q, v, FFN; median of {args.rounds}"
     )
     print(
-        f"{'mesh (data,fsdp,tensor)':<25}{'tokens/s':>9}{'x (8,1,1)':>10}{'args MiB':>10}{'x (8,1,1)':>10}"
-        f"{'temp MiB':>10}{'x (8,1,1)':>10}   (per device, compiled)"
+        f"{'mesh (data,fsdp,tensor)':<25}{'tokens/s':>9}{'x first':>10}{'args MiB':>10}{'x first':>10}"
+        f"{'temp MiB':>10}{'x first':>10}{'compile s':>10}   (per device, compiled)"
     )
-    for s, (tps, (arg, tmp)) in rows.items():
+    for s, (tps, (arg, tmp), compile_s) in rows.items():
         print(
             f"{str(s):<25}{tps:>9.0f}{tps / base_tps:>10.2f}{arg:>10.1f}{arg / base_arg:>10.2f}{tmp:>10.1f}"
-            f"{tmp / base_tmp:>10.2f}"
+            f"{tmp / base_tmp:>10.2f}{compile_s:>10.1f}"
         )
 
 
