@@ -231,12 +231,14 @@ def render(config, results: list[Result], figures: dict[str, str], planned: list
         better = [x for x in mt_cmp if not np.isnan(x["p"]) and x["p"] < ALPHA and x["diff"] > 0]
         worse = [x for x in mt_cmp if not np.isnan(x["p"]) and x["p"] < ALPHA and x["diff"] < 0]
         holm_better = [x for x in better if x.get("p_holm", 1) < ALPHA]
+        untested = [x for x in mt_cmp if np.isnan(x["p"])]
         out.append(
             f"Of {len(mt_cmp)} MTLoRA-vs-LoRA comparisons (structure x task, paired over seeds, same targets, "
             f"rank, lr and steps), MTLoRA was significantly better in {len(better)} ({len(holm_better)} after "
-            f"Holm correction over all {len(mt_cmp)}), significantly worse in {len(worse)}, and not "
-            f"distinguishable from LoRA in {len(mt_cmp) - len(better) - len(worse)}. With 3 seeds a paired "
-            "t-test detects only differences that are large against the seed-to-seed spread."
+            f"Holm correction over all {len(mt_cmp)}), significantly worse in {len(worse)}, not "
+            f"distinguishable from LoRA in {len(mt_cmp) - len(better) - len(worse) - len(untested)}, and not yet "
+            f"testable (fewer than 2 paired seeds) in {len(untested)}. With 3 seeds a paired t-test detects only "
+            "differences that are large against the seed-to-seed spread."
         )
         out.append("")
     for task in [*tasks, "average"]:
