@@ -182,6 +182,11 @@ def add_scale_out(c: ml_collections.ConfigDict, *, scan_layers: bool) -> None:
     # split); -1 takes all remaining devices; e.g. --config.mesh.data=2 --config.mesh.fsdp=4. Adapters follow
     # their base weight's split.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Logical axis -> mesh axis of the base weights (mtlora_jax/models/partitioning.py DEFAULT_RULES); an axis
+    # mapped to "" stays replicated, e.g. --config.partition_rules.embed="" for tensor parallelism only.
+    c.partition_rules = ml_collections.ConfigDict(
+        {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+    )
     # Multi-process (multi-host) start: "auto" (when the environment describes one: TPU pod, SLURM, Open MPI,
     # JAX_COORDINATOR_ADDRESS), "on" or "off".
     c.distributed = "auto"
@@ -201,6 +206,13 @@ def check_scale_out(c: ml_collections.ConfigDict) -> None:
         "mesh",
         c.mesh.to_dict(),
         f"axes among {', '.join(MESH_AXES)} with sizes > 0 and at most one -1",
+    )
+    rules = c.partition_rules.to_dict()
+    _check(
+        set(rules) == {"embed", "heads", "mlp", "vocab"} and set(rules.values()) <= {"", *MESH_AXES},
+        "partition_rules",
+        rules,
+        f"embed, heads, mlp, vocab each mapped to one of {', '.join(MESH_AXES)} or '' (replicated)",
     )
     _check(c.distributed in DISTRIBUTED, "distributed", c.distributed, f"one of {', '.join(DISTRIBUTED)}")
     _check(c.base_dtype in BASE_DTYPES, "base_dtype", c.base_dtype, f"one of {', '.join(BASE_DTYPES)}")

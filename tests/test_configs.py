@@ -15,6 +15,7 @@ from train import glue_tasks
 
 CONFIGS = pathlib.Path(configs.__file__).parent
 REQUIRED = {
+    "partition_rules",
     "distributed",
     "base_dtype",
     "remat",

@@ -16,6 +16,7 @@ from configs import common, nlg_common
 CONFIGS = pathlib.Path(nlg_common.__file__).parent
 TASKS = ("e2e", "webnlg", "dart")
 REQUIRED = {
+    "partition_rules",
     "distributed",
     "base_dtype",
     "remat",

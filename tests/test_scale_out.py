@@ -269,3 +269,25 @@ def test_two_processes_train_like_one_device(tiny_model, one_device_run, tmp_pat
     losses, params = _read_run(tmp_path)
     np.testing.assert_allclose(losses, one_device_run[0], rtol=1e-5)
     _assert_same(params, one_device_run[1])
+
+
+def test_partition_rules_from_the_config_place_the_base():
+    """config.partition_rules: the default is partitioning.DEFAULT_RULES; "" leaves an axis replicated (here
+    embed: tensor parallelism only), and every placed kernel follows."""
+    from mtlora_jax.models import partitioning
+
+    config = configs.get_config("sst2", "smoke")
+    assert placement.config_rules(config) == partitioning.DEFAULT_RULES
+    config.partition_rules.embed = ""
+    rules = placement.config_rules(config)
+    assert rules["embed"] is None
+    module = models.build("bert", models.EncoderConfig("bert", vocab_size=64, hidden_size=32, num_layers=1,
+                          num_heads=4, intermediate_size=64), "classification", 2)  # fmt: skip
+    params = module.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    params = mt.init(params, mt.MTLoRAConfig(rank=2, alpha=4.0, targets=(QUERY,)), jax.random.key(1))
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    _, frozen, _ = placement.place(params, (r"classifier/.*",), family="bert", mesh=mesh, rules=rules)
+    assert frozen["encoder"]["layer_0"]["attention"]["query"]["kernel"].w.sharding.spec == P(None, "tensor")
+    config.partition_rules.embed = "model"
+    with pytest.raises(ValueError, match=r"config\.partition_rules"):
+        configs.common.validate(config)

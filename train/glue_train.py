@@ -56,7 +56,8 @@ def load_model(config, spec: glue_tasks.TaskSpec, mesh=None):
 
     The weights go from the host straight to their shards on `mesh` (None: the default device)."""
     head = "regression" if spec.is_regression else "classification"
-    kw = dict(dtype=DTYPES[config.dtype], scan_layers=config.scan_layers, remat=config.remat, mesh=mesh)
+    kw = dict(dtype=DTYPES[config.dtype], scan_layers=config.scan_layers, remat=config.remat)
+    kw.update(mesh=mesh, rules=placement.config_rules(config))
     try:
         module, params = models.from_pretrained(
             config.model, head=head, num_labels=spec.num_labels, seed=config.seed, **kw
@@ -182,7 +183,7 @@ def _train_and_evaluate(config, workdir: str, sigterm) -> dict | None:
     logging.info("%s", mt.summary(params, heads))
     family = models.family(module)
     trainable, frozen, shardings = placement.place(
-        params, heads, family=family, mesh=mesh, base_dtype=config.base_dtype
+        params, heads, family=family, mesh=mesh, base_dtype=config.base_dtype, rules=placement.config_rules(config)
     )
     frozen_shardings = shardings.frozen
     schedule = loop.make_schedule(config.learning_rate, total, int(config.warmup_ratio * total))

@@ -107,7 +107,8 @@ def make_generate(module, tokenizer, config, mesh) -> Callable[[Any, Sequence[st
 
     def generate(params, contexts: Sequence[str]) -> list[str]:
         _, plain = decode_params(module, params)
-        plain = jax.device_put(plain, placement.param_shardings(plain, models.family(module), mesh))
+        rules = placement.config_rules(config)
+        plain = jax.device_put(plain, placement.param_shardings(plain, models.family(module), mesh, rules))
         prompts = [nlg_data.encode_prompt(encode, c, separator=fmt.separator, prefix=fmt.prefix) for c in contexts]
         too_long = sum(len(p) > buckets[-1] for p in prompts)
         if too_long:

@@ -49,7 +49,8 @@ def load_model(config, mesh=None):
         if not glue_data.hub_offline() and not glue_data.hub_reachable():
             raise OSError(f"config.model={config.model!r} is a hub id but huggingface.co is unreachable; {hint}")
     try:
-        kw = dict(head="lm", dtype=DTYPES[config.dtype], scan_layers=config.scan_layers, remat=config.remat, mesh=mesh)
+        kw = dict(head="lm", dtype=DTYPES[config.dtype], scan_layers=config.scan_layers, remat=config.remat)
+        kw.update(mesh=mesh, rules=placement.config_rules(config))
         module, params = models.from_pretrained(config.model, **kw)
         return module, params, models.load_tokenizer(config.model)
     except OSError as e:  # not found, or a hub id that cannot be fetched: name the key to change
@@ -189,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
     logging.info("%s", mt.summary(params, extra))
     family = models.family(module)
     trainable, frozen, shardings = placement.place(
-        params, extra, family=family, mesh=mesh, base_dtype=config.base_dtype
+        params, extra, family=family, mesh=mesh, base_dtype=config.base_dtype, rules=placement.config_rules(config)
     )
     frozen_shardings = shardings.frozen
     schedule = loop.make_schedule(config.learning_rate, max(total, 1), config.warmup_steps if total else 0)

@@ -30,15 +30,22 @@ class Shardings(NamedTuple):
     frozen: Any
 
 
-def param_shardings(params, family: str, mesh):
+def param_shardings(params, family: str, mesh, rules=None):
     """A NamedSharding for every leaf of `params` (arrays, ShapeDtypeStructs, `mt.Adapted` leaves).
 
     Args:
       params: the adapted params of a model of `family` ("bert", "roberta", "gpt2", "llama").
       mesh: the device mesh; its "fsdp" and "tensor" axes split the base weights.
+      rules: logical axis (embed, heads, mlp, vocab) -> mesh axis; None: `partitioning.DEFAULT_RULES`.
     """
-    specs = mt.partition_specs(params, partitioning.base_spec_fn(family, mesh), mesh)
+    rules = partitioning.DEFAULT_RULES if rules is None else rules
+    specs = mt.partition_specs(params, partitioning.base_spec_fn(family, mesh, rules), mesh)
     return mt.named_shardings(specs, mesh)
+
+
+def config_rules(config) -> dict[str, str | None]:
+    """config.partition_rules as `partitioning` rules: logical axis -> mesh axis, "" -> None (replicated)."""
+    return {name: axis or None for name, axis in config.partition_rules.items()}
 
 
 def cast_base(frozen, base_dtype: str):
@@ -53,7 +60,7 @@ def cast_base(frozen, base_dtype: str):
     return jax.tree.map(cast, frozen)
 
 
-def place(params, extra_trainable, *, family: str, mesh, base_dtype: str = "float32"):
+def place(params, extra_trainable, *, family: str, mesh, base_dtype: str = "float32", rules=None):
     """Splits the adapted params into (trainable, frozen) halves placed on their shardings.
 
     Args:
@@ -62,11 +69,12 @@ def place(params, extra_trainable, *, family: str, mesh, base_dtype: str = "floa
       family: the model family (partitioning table).
       mesh: the device mesh.
       base_dtype: storage dtype of the frozen matrices ("float32" or "bfloat16": half the memory).
+      rules: logical axis -> mesh axis (config.partition_rules); None: `partitioning.DEFAULT_RULES`.
 
     Returns:
       (trainable, frozen, Shardings): both halves are global arrays on `mesh`.
     """
-    shardings = param_shardings(params, family, mesh)
+    shardings = param_shardings(params, family, mesh, rules)
     trainable, frozen = mt.split(params, extra_trainable)
     trainable_sh, frozen_sh = mt.split(shardings, extra_trainable)
     frozen = cast_base(frozen, base_dtype)

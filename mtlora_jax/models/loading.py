@@ -148,6 +148,7 @@ def from_pretrained(
     gguf_file: str | None = None,
     seed: int = 0,
     mesh=None,
+    rules=None,
 ):
     """Loads a pretrained checkpoint as a Flax module and its params.
 
@@ -163,6 +164,7 @@ def from_pretrained(
       mesh: a ``jax.sharding.Mesh``: each weight goes from the host straight to its shards on the mesh
         (``partitioning.param_spec``: FSDP over "fsdp", tensor parallelism over "tensor"), never a whole
         copy per device. None: every weight on the default device.
+      rules: logical axis -> mesh axis (``partitioning.DEFAULT_RULES`` when None).
 
     Returns:
       (module, params): ``module.apply({"params": params}, input_ids, attention_mask)`` gives hidden
@@ -177,16 +179,18 @@ def from_pretrained(
     if scan_layers:
         params = stack.stack_params(params, family)  # numpy: stacked on the host
         module = module.clone(scan_layers=True)
-    return module, place(params, family, mesh)
+    return module, place(params, family, mesh, rules)
 
 
-def place(params, family: str, mesh=None):
-    """Host arrays -> device arrays: split on `mesh` by `partitioning.param_spec`, else the default device."""
+def place(params, family: str, mesh=None, rules=None):
+    """Host arrays -> device arrays: split on `mesh` by `partitioning.param_spec` (with `rules`, default
+    ``partitioning.DEFAULT_RULES``), else the default device."""
     if mesh is None:
         return jax.tree.map(jnp.asarray, params)
+    rules = partitioning.DEFAULT_RULES if rules is None else rules
 
     def put(keypath, x):
-        spec = partitioning.param_spec(paths.path_str(keypath), x.shape, family, mesh)
+        spec = partitioning.param_spec(paths.path_str(keypath), x.shape, family, mesh, rules)
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(put, params)
