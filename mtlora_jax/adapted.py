@@ -180,11 +180,17 @@ class Adapted:
         return jnp.einsum("nkd,kdr->nkr", y, self.b.reshape(k, d_slice, r)).reshape(-1, k * r)
 
     def mix_out(self, u: jax.Array) -> jax.Array:
-        """scale · u Tᵀ B_fullᵀ: [n, R] -> [n, d_out] (unstacked), in u's dtype."""
+        """scale · u Tᵀ B_fullᵀ: [n, R] -> [n, d_out] (unstacked), in u's dtype.
+
+        The scale multiplies the small side (Tᵀ [R, R], or u [n, R] for LoRA), never the [n, d_out] output: a
+        full-size multiply would cost a pass over the output forward and over its gradient backward, and would
+        stand between the matmul and the add of the base output that XLA fuses into it."""
         t = self.t()
         if t is not None:
-            u = u @ t.T.astype(u.dtype)
-        return self.scale * self.cast(u.dtype).out_proj(u)
+            u = u @ (self.scale * t.T).astype(u.dtype)
+        else:
+            u = u * jnp.asarray(self.scale, u.dtype)
+        return self.cast(u.dtype).out_proj(u)
 
     def project(self, x: jax.Array) -> jax.Array:
         """The adapter path x · dWᵀ_torch = scale · x Aᵀ Tᵀ B_fullᵀ: [n, d_in] -> [n, d_out] (unstacked)."""
@@ -195,8 +201,10 @@ class Adapted:
         u = self.cast(y.dtype).out_proj_t(y)  # [n, R]
         t = self.t()
         if t is not None:
-            u = u @ t.astype(y.dtype)
-        return self.scale * (u @ self.a.astype(y.dtype))
+            u = u @ (self.scale * t).astype(y.dtype)  # the scale on the small side, as in mix_out
+        else:
+            u = u * jnp.asarray(self.scale, y.dtype)
+        return u @ self.a.astype(y.dtype)
 
     def cast(self, dtype) -> Adapted:
         """The factors (not w) cast to `dtype`, e.g. fp32 master adapters to a bf16 compute dtype."""
