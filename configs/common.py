@@ -199,7 +199,7 @@ def add_scale_out(c: ml_collections.ConfigDict, *, scan_layers: bool) -> None:
 
 
 def check_scale_out(c: ml_collections.ConfigDict) -> None:
-    """Checks mesh, distributed, base_dtype (shared by the GLUE and NLG configs); raises naming the key."""
+    """Checks mesh, partition_rules, distributed, base_dtype (GLUE and NLG configs); raises naming the key."""
     sizes = list(c.mesh.values())
     _check(
         all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1 and set(c.mesh.keys()) <= set(MESH_AXES),
