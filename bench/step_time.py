@@ -87,8 +87,9 @@ def memory_mib(fn, args) -> float:
     return stats.temp_size_in_bytes / 2**20
 
 
-def time_variants(variants: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per step; variants interleaved each round so machine noise hits all alike."""
+def time_variants(variants: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of every round, {variant: [t_round0, ...]}; variants interleaved each round so machine
+    noise hits all alike (ratios are then taken round by round, see `paired`)."""
     for fn, args in variants.values():
         jax.block_until_ready(fn(*args))  # compile + warm up
     times = {k: [] for k in variants}
@@ -97,7 +98,14 @@ def time_variants(variants: dict, rounds: int) -> dict[str, float]:
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """Median, 25th and 75th percentile over rounds of times[num][i] / times[den][i] (same-round ratios)."""
+    ratios = sorted(a / b for a, b in zip(times[num], times[den], strict=True))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]
 
 
 def peft_times(layers: int, batch: int, seq: int, rounds: int) -> dict[str, float]:
@@ -165,18 +173,24 @@ def main():
     stack, params, x, mask = build(args.layers, args.batch, args.seq)
     variants = steps(stack, params, x, mask)
     mem = {k: memory_mib(fn, a) for k, (fn, a) in variants.items()}
-    t = time_variants(variants, args.rounds)
+    times = time_variants(variants, args.rounds)
+    t = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.layers} layers x 768, "
-        f"batch {args.batch} x {args.seq}, rank 8 on q, v, FFN-in, FFN-out; median of {args.rounds} rounds"
+        f"batch {args.batch} x {args.seq}, rank 8 on q, v, FFN-in, FFN-out; {args.rounds} rounds: median ms, "
+        "and the median [25th-75th percentile] of the same-round ratios"
     )
-    print(f"{'variant':<10}{'ms/step':>10}{'x floor':>10}{'x lora':>10}{'temp MiB':>10}")
+    print(f"{'variant':<10}{'ms/step':>10}{'x floor':>10}{'  [p25-p75]':>16}{'x lora':>10}{'temp MiB':>10}")
     for k in t:
-        print(f"{k:<10}{1e3 * t[k]:>10.1f}{t[k] / t['floor']:>10.3f}{t[k] / t['lora']:>10.3f}{mem[k]:>10.1f}")
-    mtlora = max(t[s] for s in STRUCTURES[1:])
-    print(f"slowest MTLoRA / floor = {mtlora / t['floor']:.3f}  (target <= 1.10)")
-    print(f"slowest MTLoRA / LoRA  = {mtlora / t['lora']:.3f}  (target <= 1.05)")
-    print(f"merged / ctcm          = {t['merged'] / t['ctcm']:.3f}  (target >= 1.25)")
+        r, lo, hi = paired(times, k, "floor")
+        print(
+            f"{k:<10}{1e3 * t[k]:>10.1f}{r:>10.3f}{f'  [{lo:.3f}-{hi:.3f}]':>16}"
+            f"{paired(times, k, 'lora')[0]:>10.3f}{mem[k]:>10.1f}"
+        )
+    worst = lambda den: max(paired(times, s, den)[0] for s in STRUCTURES[1:])
+    print(f"slowest MTLoRA / floor = {worst('floor'):.3f}  (target <= 1.10)")
+    print(f"slowest MTLoRA / LoRA  = {worst('lora'):.3f}  (target <= 1.05)")
+    print(f"merged / ctcm          = {paired(times, 'merged', 'ctcm')[0]:.3f}  (target >= 1.25)")
     if args.peft:
         pt = peft_times(args.layers, args.batch, args.seq, args.rounds)
         print(
