@@ -89,12 +89,15 @@ def memory_mib(fn, args) -> float:
 
 def time_variants(variants: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per step of every round, {variant: [t_round0, ...]}; variants interleaved each round so machine
-    noise hits all alike (ratios are then taken round by round, see `paired`)."""
+    noise hits all alike (ratios are then taken round by round, see `paired`), in an order rotated by one each
+    round so that every variant takes every place in the round (with rounds >= the number of variants)."""
     for fn, args in variants.values():
         jax.block_until_ready(fn(*args))  # compile + warm up
     times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, (fn, args) in variants.items():
+    names = list(variants)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotated: no variant always runs first
+            fn, args = variants[name]
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - t0)

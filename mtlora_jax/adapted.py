@@ -162,9 +162,10 @@ class Adapted:
     def out_proj(self, v: jax.Array) -> jax.Array:
         """v B_fullᵀ without forming B_full: [n, R] -> [n, d_out] (unstacked)."""
         if self.slices == 1:
-            return v @ self.b.T
+            return v @ _rank_major(self.b)
         k, r, d_slice = sum(self.enable), self.rank, self.d_slice
-        z = jnp.einsum("nkr,kdr->nkd", v.reshape(-1, k, r), self.b.reshape(k, d_slice, r))
+        bt = _rank_major(self.b.reshape(k, d_slice, r))  # [k, rank, d_slice]
+        z = jnp.einsum("nkr,krd->nkd", v.reshape(-1, k, r), bt)
         parts, j = [], 0
         for on in self.enable:
             parts.append(z[:, j] if on else jnp.zeros((v.shape[0], d_slice), z.dtype))
@@ -174,10 +175,11 @@ class Adapted:
     def out_proj_t(self, y: jax.Array) -> jax.Array:
         """y B_full: [n, d_out] -> [n, R] (unstacked; the transposed use, e.g. a tied LM head)."""
         if self.slices == 1:
-            return y @ self.b
+            return y @ jnp.swapaxes(_rank_major(self.b), -1, -2)
         k, r, d_slice = sum(self.enable), self.rank, self.d_slice
         y = y.reshape(-1, self.slices, d_slice)[:, jnp.array([i for i, on in enumerate(self.enable) if on])]
-        return jnp.einsum("nkd,kdr->nkr", y, self.b.reshape(k, d_slice, r)).reshape(-1, k * r)
+        bt = _rank_major(self.b.reshape(k, d_slice, r))  # [k, rank, d_slice]
+        return jnp.einsum("nkd,krd->nkr", y, bt).reshape(-1, k * r)
 
     def mix_out(self, u: jax.Array) -> jax.Array:
         """scale · u Tᵀ B_fullᵀ: [n, R] -> [n, d_out] (unstacked), in u's dtype.
@@ -210,6 +212,15 @@ class Adapted:
         """The factors (not w) cast to `dtype`, e.g. fp32 master adapters to a bf16 compute dtype."""
         conv = lambda m: None if m is None else m.astype(dtype)
         return dataclasses.replace(self, a=conv(self.a), b=conv(self.b), c=conv(self.c), d=conv(self.d))
+
+
+def _rank_major(b: jax.Array) -> jax.Array:
+    """bᵀ [..., rank, d]: b [..., d, rank] with its last two axes swapped, behind an optimization barrier.
+
+    The barrier keeps XLA from folding this small transpose into the gradient of b, so that gradient is
+    computed as the dot [rank, n]·[n, d] -> [rank, d] and only its small result is transposed. Folded, the dot
+    writes [d, rank] directly, which XLA on CPU runs 3-5x slower (bench/adapter_dots.py, docs/BENCHMARKS.md)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(b, -1, -2))
 
 
 def is_adapted(x) -> bool:
