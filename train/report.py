@@ -276,7 +276,10 @@ def render(config, results: list[Result], figures: dict[str, str], planned: list
     out += [
         "",
         "Trainable parameters include the task head; step time is the median over a run's log intervals "
-        "(compile excluded), median over seeds, and the ratio to LoRA on the same task.",
+        "(compile excluded), median over seeds, and the ratio to LoRA on the same task. The runs shared the "
+        "machine with other work (load averages above), so these step times move with the load of the hour a run "
+        "happened to get and are no comparison of the structures' cost: the controlled one (every variant "
+        "interleaved in one process) is `bench/step_time.py` in docs/BENCHMARKS.md.",
         "",
     ]
     out += [
