@@ -11,7 +11,7 @@ reported as a ratio to the floor (frozen base, gradients w.r.t. the input activa
     full    full fine-tuning, AdamW on every weight
     peft    (--peft) PEFT LoRA in PyTorch on the same shapes, timed against a PyTorch floor
 
-    python -m bench.step_time --layers 4 --batch 8 --seq 128 --rounds 5 --peft
+    python -m bench.step_time --layers 4 --batch 8 --seq 128 --rounds 40 --peft    # docs/BENCHMARKS.md
 """
 
 import argparse
