@@ -3,17 +3,19 @@
 The out-projection z = u Bᵀ (u [n, rank], B [d_out, rank]) has the weight gradient dB = gᵀ u [d_out, rank]. XLA
 folds the transpose of B into that dot, which then writes its [d_out, rank] result directly; with the barrier
 it computes uᵀ g [rank, d_out] and transposes the small result. Each variant is the vjp (du, dB) of one
-out-projection, timed interleaved (median of --rounds), next to the base layer's own input gradient g Wᵀ.
+out-projection, timed interleaved as in bench/step_time.py (median ms of --rounds; folded / barrier is the median
+of the same-round ratios), next to the base layer's own input gradient g Wᵀ.
 
     python -m bench.adapter_dots --tokens 1024 --rank 8 --rounds 30
 """
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+
+from bench import step_time
 
 
 def variants(n: int, rank: int, d_in: int, d_out: int) -> dict:
@@ -44,21 +46,14 @@ def main():
     print(f"{'d_in x d_out':<14}{'base g Wt ms':>14}{'vjp folded ms':>15}{'vjp barrier ms':>16}{'folded/barrier':>16}")
     for d_in, d_out in ((768, 768), (768, 3072), (3072, 768)):
         vs = variants(args.tokens, args.rank, d_in, d_out)
-        for fn, a in vs.values():
-            jax.block_until_ready(fn(*a))
         folded, kept = (jax.device_get(vs[k][0](*vs[k][1])) for k in ("vjp folded", "vjp barrier"))
-        for x, y in zip(folded, kept, strict=True):
-            assert jnp.allclose(x, y, rtol=1e-4, atol=1e-3), "the two vjps disagree"
-        times = {k: [] for k in vs}
-        for _ in range(args.rounds):
-            for k, (fn, a) in vs.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*a))
-                times[k].append(time.perf_counter() - t0)
+        if not all(jnp.allclose(x, y, rtol=1e-4, atol=1e-3) for x, y in zip(folded, kept, strict=True)):
+            raise RuntimeError(f"{d_in} x {d_out}: the folded and the barrier vjp disagree")
+        times = step_time.time_variants(vs, args.rounds)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         print(
             f"{f'{d_in} x {d_out}':<14}{ms['base g Wt']:>14.2f}{ms['vjp folded']:>15.2f}{ms['vjp barrier']:>16.2f}"
-            f"{ms['vjp folded'] / ms['vjp barrier']:>16.2f}"
+            f"{step_time.paired(times, 'vjp folded', 'vjp barrier')[0]:>16.2f}"
         )
 
 

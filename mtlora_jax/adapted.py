@@ -219,7 +219,7 @@ def _rank_major(b: jax.Array) -> jax.Array:
 
     The barrier keeps XLA from folding this small transpose into the gradient of b, so that gradient is
     computed as the dot [rank, n]·[n, d] -> [rank, d] and only its small result is transposed. Folded, the dot
-    writes [d, rank] directly, which XLA on CPU runs about 3x slower (bench/adapter_dots.py, docs/BENCHMARKS.md)."""
+    writes [d, rank] directly, which XLA on CPU runs 2.3-3.2x slower (bench/adapter_dots.py, docs/BENCHMARKS.md)."""
     return jax.lax.optimization_barrier(jnp.swapaxes(b, -1, -2))
 
 
