@@ -9,6 +9,7 @@ mesh changes where arrays live and the order of some sums, never the math. The p
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -235,26 +236,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_device(tiny_model, one_device_run, tmp_path):
-    """A multi-host run, simulated: 2 processes x 4 CPU devices joined by jax.distributed (JAX_COORDINATOR_ADDRESS,
-    gloo collectives), each running the unchanged `python -m train.glue` on the (2,2,2) mesh. Same losses and
-    adapters as one device; only process 0 writes metrics and the summary and logs at INFO; Orbax writes the
-    checkpoint from both."""
-    c = _config(tiny_model, {})
-    flags = [f"--config.{k}={v}" for k, v in (
-        ("model", tiny_model), ("batch_size", 8), ("length_buckets", "(32,)"), ("max_length", 32),
-        ("num_train_steps", 3), ("log_every_steps", 1), ("eval_every_steps", 3), ("checkpoint_every_steps", 3),
-        ("learning_rate", c.learning_rate), ("warmup_ratio", 0.0), ("mesh.data", 2), ("mesh.fsdp", 2),
-        ("mesh.tensor", 2),
-    )]  # fmt: skip
-    cmd = [sys.executable, "-m", "train.glue", "--config", "configs/sst2.py:smoke", "--workdir", str(tmp_path), *flags]
+def _two_processes(cmd, workdir, tag: str) -> str:
+    """Runs `cmd` as processes 0 and 1 of a 2-process jax.distributed job (4 CPU devices each, gloo collectives);
+    asserts both exit 0 and returns process 0's log."""
     port = _free_port()
     procs = []
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
                "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", mesh_lib.COORDINATOR_ENV: f"localhost:{port}",
                mesh_lib.NUM_PROCESSES_ENV: "2", mesh_lib.PROCESS_ID_ENV: str(pid)}  # fmt: skip
-        log = open(tmp_path / f"process{pid}.log", "w")
+        log = open(workdir / f"{tag}-process{pid}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for proc, log in procs:
         try:
@@ -262,13 +253,40 @@ def test_two_processes_train_like_one_device(tiny_model, one_device_run, tmp_pat
         finally:
             proc.kill()
             log.close()
-    logs = [(tmp_path / f"process{pid}.log").read_text() for pid in range(2)]
+    logs = [(workdir / f"{tag}-process{pid}.log").read_text() for pid in range(2)]
     for (proc, _), text in zip(procs, logs, strict=True):
         assert proc.returncode == 0, text[-3000:]
     assert "summary:" in logs[0] and "summary:" not in logs[1]  # INFO logs from process 0 only
+    return logs[0]
+
+
+def test_two_processes_train_like_one_device_and_resume(tiny_model, one_device_run, tmp_path):
+    """A multi-host run, simulated: 2 processes x 4 CPU devices joined by jax.distributed (JAX_COORDINATOR_ADDRESS,
+    gloo collectives), each running the unchanged `python -m train.glue` on the (2,2,2) mesh. Same losses and
+    adapters as one device; only process 0 writes metrics and the summary and logs at INFO; Orbax writes the
+    checkpoint from both. Then a crash after the step-2 checkpoint (the step-3 checkpoint and the summary removed):
+    the same command restores the sharded state on both processes and finishes as the uninterrupted run."""
+    c = _config(tiny_model, {})
+    flags = [f"--config.{k}={v}" for k, v in (
+        ("model", tiny_model), ("batch_size", 8), ("length_buckets", "(32,)"), ("max_length", 32),
+        ("num_train_steps", 3), ("log_every_steps", 1), ("eval_every_steps", 3), ("checkpoint_every_steps", 1),
+        ("keep_checkpoints", 3), ("learning_rate", c.learning_rate), ("warmup_ratio", 0.0), ("mesh.data", 2),
+        ("mesh.fsdp", 2), ("mesh.tensor", 2),
+    )]  # fmt: skip
+    cmd = [sys.executable, "-m", "train.glue", "--config", "configs/sst2.py:smoke", "--workdir", str(tmp_path), *flags]
+    _two_processes(cmd, tmp_path, "first")
     losses, params = _read_run(tmp_path)
     np.testing.assert_allclose(losses, one_device_run[0], rtol=1e-5)
     _assert_same(params, one_device_run[1])
+
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    os.remove(tmp_path / "summary.json")
+    log = _two_processes(cmd, tmp_path, "resumed")
+    assert re.search(r"resumed from \S+ at step 2", log), log[-3000:]
+    losses, params = _read_run(tmp_path)
+    np.testing.assert_allclose(losses, one_device_run[0], rtol=1e-5)
+    _assert_same(params, one_device_run[1])
+    assert json.loads((tmp_path / "summary.json").read_text())["best_step"] == 3
 
 
 def test_partition_rules_from_the_config_place_the_base():

@@ -194,7 +194,7 @@ def _grid_text(config, results: list[Result], planned: list[study.Run]) -> list[
     for task, t in config.tasks.items():
         unit = " x 100" if t.scale == 100 else ""
         lines.append(
-            f"- **{task}** ({t.entry}, `{t.config}`, metric `{t.metric}`{unit}): {t.description}. "
+            f"- **{task}** ({t.entry}, `{t.config}`, metric `{t.metric}`{unit}): {t.description.rstrip('.')}. "
             f"Flags: `{' '.join(t.flags)}`."
         )
     lines.append(
