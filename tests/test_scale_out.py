@@ -238,13 +238,15 @@ def _free_port() -> int:
 
 def _two_processes(cmd, workdir, tag: str) -> str:
     """Runs `cmd` as processes 0 and 1 of a 2-process jax.distributed job (4 CPU devices each, gloo collectives);
-    asserts both exit 0 and returns process 0's log."""
+    asserts both exit 0 and returns process 0's log. Launches in one workdir share a persistent XLA cache there,
+    so a rerun of the same command skips the compiles."""
     port = _free_port()
     procs = []
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
                "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", mesh_lib.COORDINATOR_ENV: f"localhost:{port}",
-               mesh_lib.NUM_PROCESSES_ENV: "2", mesh_lib.PROCESS_ID_ENV: str(pid)}  # fmt: skip
+               mesh_lib.NUM_PROCESSES_ENV: "2", mesh_lib.PROCESS_ID_ENV: str(pid),
+               "JAX_COMPILATION_CACHE_DIR": str(workdir / "xla-cache")}  # fmt: skip
         log = open(workdir / f"{tag}-process{pid}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for proc, log in procs:
