@@ -97,6 +97,9 @@ def _task(
     t.matched_rank = matched_rank(model, extra.pop("rank"))
     # What the report says about the task's data and length.
     t.description = extra.pop("description")
+    # Dev score of one constant prediction (the majority class; MCC 0), in points; None where undefined (a
+    # correlation). The report flags a task where no row clears it: there the grid's budget learned nothing.
+    t.constant = extra.pop("constant", None)
     assert not extra, extra
     return t
 
@@ -119,17 +122,22 @@ _NLG_OFFLINE = (
 
 
 def _offline() -> ml_collections.ConfigDict:
-    glue = lambda task, metric, *more, desc: _task(
-        "glue", f"configs/{task}.py:minilm", metric, "minilm", _GLUE_OFFLINE + more, rank=8, description=desc
-    )
+    glue = lambda task, metric, *more, desc, constant=None: _task(
+        "glue", f"configs/{task}.py:minilm", metric, "minilm", _GLUE_OFFLINE + more, rank=8, description=desc,
+        constant=constant,
+    )  # fmt: skip
     tasks = ml_collections.ConfigDict()
-    tasks.cola = glue("cola", "mcc", desc="CoLA: all 8,551 train sentences, dev 1,043; Matthews corr.")
-    tasks.mrpc = glue("mrpc", "accuracy", desc="MRPC: all 3,668 train pairs, dev 408; accuracy")
-    tasks.stsb = glue("stsb", "pearson", desc="STS-B: all 5,749 train pairs, dev 1,500; Pearson corr.")
-    tasks.rte = glue("rte", "accuracy", desc="RTE: all 2,490 train pairs, dev 277; accuracy")
-    tasks.sst2 = glue(
-        "sst2", "accuracy", "max_train_examples=5000", desc="SST-2: first 5,000 of 67,349 train sentences, dev 872"
+    # Constants: majority-class dev accuracy of the official GLUE dev sets (tests/test_study.py counts the labels).
+    tasks.cola = glue("cola", "mcc", desc="CoLA: all 8,551 train sentences, dev 1,043; Matthews corr.", constant=0.0)
+    tasks.mrpc = glue(
+        "mrpc", "accuracy", desc="MRPC: all 3,668 train pairs, dev 408; accuracy", constant=100 * 279 / 408
     )
+    tasks.stsb = glue("stsb", "pearson", desc="STS-B: all 5,749 train pairs, dev 1,500; Pearson corr.")
+    tasks.rte = glue("rte", "accuracy", desc="RTE: all 2,490 train pairs, dev 277; accuracy", constant=100 * 146 / 277)
+    tasks.sst2 = glue(
+        "sst2", "accuracy", "max_train_examples=5000", desc="SST-2: first 5,000 of 67,349 train sentences, dev 872",
+        constant=100 * 444 / 872,
+    )  # fmt: skip
     tasks.webnlg = _task(
         "nlg", "configs/webnlg.py:smollm", "bleu", "smollm2-135m", _NLG_OFFLINE, rank=4, base_row=True,
         description="WebNLG 2017: 2,000 train examples spread over the file; greedy decoding of 100 test inputs "

@@ -117,6 +117,19 @@ def test_sentences_say_where_mtlora_does_not_win(rendered):
     assert "| LoRA q,v (matched rank) |" in text and "matched LoRA q,v r=28 43,008" in text
 
 
+def test_tasks_no_row_learned_are_flagged(rendered):
+    """Each task is set against its constant prediction; one whose best row does not clear it by 1 point is flagged."""
+    _, text, config = rendered
+    assert "| constant prediction | 0.0 | 52.7 | — |" in text  # cola MCC 0, rte majority 146 / 277
+    assert "- COLA: best row shim 42.0, constant prediction 0.0: learned (+42.0 points)." in text
+    c = {("rte", "lora"): {0: 52.0, 1: 53.0}, ("rte", "shim"): {0: 54.0, 1: 53.0}, ("rte", "icfm"): {0: 50.0}}
+    (line,) = report.constant_text(c, ["rte"], config)
+    assert line.startswith("RTE: best row shim 53.5, constant prediction 52.7: no row beats it by more than 1 point")
+    c[("rte", "shim")] = {0: 54.0, 1: 53.5}
+    want = "RTE: best row shim 53.8, constant prediction 52.7: learned (+1.0 points)."
+    assert report.constant_text(c, ["rte"], config) == [want]
+
+
 def test_grid_machine_cost_and_missing_runs(rendered):
     _, text, config = rendered
     planned = study.plan(config)

@@ -110,6 +110,25 @@ def test_minilm_shapes_match_the_installed_model():
     assert (m["hidden"], m["ffn"], m["layers"]) == (hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"])
 
 
+def test_constant_scores_are_the_majority_class_of_the_real_dev_sets(shared_data):
+    """configs/study.py's constant-prediction scores equal sklearn's score of predicting the most frequent dev label."""
+    from sklearn import metrics
+
+    from train import glue_data
+
+    score = {"accuracy": metrics.accuracy_score, "mcc": metrics.matthews_corrcoef}
+    tasks = study_config.get_config("offline").tasks
+    checked = []
+    for name, task in tasks.items():
+        if task.get("constant") is None:
+            continue
+        labels = glue_data.load_task(name, "dev", data_dir=str(shared_data / "glue")).labels
+        constant = np.full_like(labels, np.bincount(labels).argmax())
+        assert task.constant == pytest.approx(100 * score[task.metric](labels, constant)), name
+        checked.append(name)
+    assert sorted(checked) == ["cola", "mrpc", "rte", "sst2"]
+
+
 def test_matched_rank_is_the_closest_count():
     """Brute force over ranks, and the reference's RoBERTa-base budgets (../shared/REFERENCE.md: 1.04M vs 0.29M)."""
     for model in study_config.MODELS:

@@ -25,6 +25,7 @@ from configs import study as study_config
 from train import analyze, report_plots, reporting, study
 
 ALPHA = 0.05  # significance level of the paired tests
+LEARNED_MARGIN = 1.0  # points above a constant prediction that count as having learned a task
 
 
 @dataclasses.dataclass
@@ -146,6 +147,24 @@ def verdict(x: dict) -> str:
     return f"{head}: {better} at p < {ALPHA}{held}."
 
 
+def constant_text(c: dict, tasks, config) -> list[str]:
+    """One sentence per task with a constant-prediction score: does the best row clear it by LEARNED_MARGIN?"""
+    out = []
+    for task in [t for t in tasks if config.tasks[t].get("constant") is not None]:
+        const = config.tasks[task].constant
+        best_kind, best = max(((k, np.mean(list(v.values()))) for (t, k), v in c.items() if t == task and v),
+                              key=lambda kv: kv[1])  # fmt: skip
+        head = f"{task.upper()}: best row {row_label(best_kind)} {best:.1f}, constant prediction {const:.1f}"
+        if best > const + LEARNED_MARGIN:
+            out.append(f"{head}: learned ({best - const:+.1f} points).")
+        else:
+            out.append(
+                f"{head}: no row beats it by more than {LEARNED_MARGIN:.0f} point, so within this budget the model "
+                "did not learn the task and its comparisons say nothing about the structures."
+            )
+    return out
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -241,6 +260,10 @@ def render(config, results: list[Result], figures: dict[str, str], planned: list
             "differences that are large against the seed-to-seed spread."
         )
         out.append("")
+    learned = constant_text(c, tasks, config)
+    if learned:
+        out += ["Was each task learned at all? Against always predicting the dev set's majority class (MCC 0):", ""]
+        out += [f"- {s}" for s in learned] + [""]
     for task in [*tasks, "average"]:
         sentences = [verdict(x) for x in cmp if x["task"] == task]
         out += [f"- {s}" for s in sentences]
@@ -250,6 +273,9 @@ def render(config, results: list[Result], figures: dict[str, str], planned: list
         cols = [_fmt(*mean_std(c[(t, kind)].values()), full) if (t, kind) in c else "—" for t in tasks]
         avg = seed_average(c, kind, tasks)
         table.append([row_label(kind), *cols, _fmt(*mean_std(avg.values()), full) if avg else "—"])
+    consts = [config.tasks[t].get("constant") for t in tasks]
+    if any(x is not None for x in consts):
+        table.append(["constant prediction", *("—" if x is None else f"{x:.1f}" for x in consts), "—"])
     out += _table(["row", *tasks, "average"], table)
     out += ["", "## Difference to LoRA (same targets), paired t-test across seeds", ""]
     diff_rows = []
