@@ -127,7 +127,7 @@ def _offline() -> ml_collections.ConfigDict:
         constant=constant,
     )  # fmt: skip
     tasks = ml_collections.ConfigDict()
-    # Constants: majority-class dev accuracy of the official GLUE dev sets (tests/test_study.py counts the labels).
+    # constant: majority-class accuracy of the official dev sets (any constant has MCC 0); tests/test_study.py checks.
     tasks.cola = glue("cola", "mcc", desc="CoLA: all 8,551 train sentences, dev 1,043; Matthews corr.", constant=0.0)
     tasks.mrpc = glue(
         "mrpc", "accuracy", desc="MRPC: all 3,668 train pairs, dev 408; accuracy", constant=100 * 279 / 408

@@ -152,8 +152,10 @@ def constant_text(c: dict, tasks, config) -> list[str]:
     out = []
     for task in [t for t in tasks if config.tasks[t].get("constant") is not None]:
         const = config.tasks[task].constant
-        best_kind, best = max(((k, np.mean(list(v.values()))) for (t, k), v in c.items() if t == task and v),
-                              key=lambda kv: kv[1])  # fmt: skip
+        means = [(k, np.mean(list(v.values()))) for (t, k), v in c.items() if t == task and v]
+        if not means:
+            continue
+        best_kind, best = max(means, key=lambda kv: kv[1])
         head = f"{task.upper()}: best row {row_label(best_kind)} {best:.1f}, constant prediction {const:.1f}"
         if best > const + LEARNED_MARGIN:
             out.append(f"{head}: learned ({best - const:+.1f} points).")
