@@ -1,4 +1,4 @@
-"""Step time of the GLUE train step (train/loop.py + train/glue_train.py) per MTLoRA structure, vs LoRA.
+"""Step time of the GLUE train step (train/loop.py + train/glue/train.py) per MTLoRA structure, vs LoRA.
 
 Builds the exact step `python -m train.glue` runs (model and head from --config, adapters from
 config.mtlora, AdamW, dropout) once per structure, feeds all of them the same real batches of one bucket
@@ -17,9 +17,11 @@ from absl import logging
 
 import configs
 import mtlora_jax as mt
-from train import glue_tasks, glue_train, loop
-from train import input_pipeline as ip
+from train import loop
 from train import mesh as mesh_lib
+from train import model as model_lib
+from train.glue import pipeline
+from train.glue import train as glue_train
 
 STRUCTURES = ("lora", "shim", "icfm", "ctcm", "dtsm")
 
@@ -40,24 +42,25 @@ def main():
     if args.batch:
         config.batch_size = args.batch
     config.max_length, config.length_buckets = args.seq, (args.seq,)
-    spec = glue_tasks.get_task(config.task)
-    module, base, tokenizer, head = glue_train.load_model(config, spec)
-    encoded = ip.load_encoded(config, "train", tokenizer)
+    data = glue_train.load_data(config)
+    model = model_lib.load(config, **glue_train.head(config, data))
+    encoded = pipeline.encode(data["train"], model.tokenizer, config.max_length)
     mesh = mesh_lib.make_mesh(config.mesh)
-    it = ip.train_batches(encoded, batch_size=config.batch_size, buckets=(args.seq,), seed=0)
+    it = pipeline.train_batches(encoded, batch_size=config.batch_size, buckets=(args.seq,), seed=0)
     batches = [mesh_lib.shard_batch(next(it), mesh) for _ in range(args.steps)]
 
     runs = {}
     for structure in args.structures.split(","):
         config.mtlora.structure = structure
-        params, heads = glue_train.add_adapters(config, module, base, head)
+        params = model_lib.add_adapters(config, model).params
+        heads = model_lib.trainable_heads(config, model)
         trainable, frozen = mt.split(params, heads)
         frozen_shardings = mesh_lib.tree_shardings(mesh, frozen)
         schedule = loop.make_schedule(config.learning_rate, 1000, 0)
         tx = loop.make_optimizer(schedule, config.weight_decay, trainable, heads)
         state, shardings = loop.create_train_state(trainable, tx, loop.rng_key(0), mesh)
         step = loop.make_train_step(
-            glue_train.make_loss_fn(module, spec.is_regression),
+            glue_train.make_loss_fn(model.module, model.head == "regression"),
             tx,
             schedule,
             mesh=mesh,

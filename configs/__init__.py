@@ -1,11 +1,11 @@
-"""GLUE configs (ml_collections): one file per task, `get_config(arg=None)`; shared parts in `common`.
+"""GLUE configs (ml_collections): one file per task, `get_config(arg=None)`; shared parts in `glue_common` and `base`.
 
 `python -m train.glue --config configs/sst2.py[:smoke|:minilm] --workdir W --config.learning_rate=...`
 """
 
 import importlib
 
-from configs.common import TASKS
+from configs.glue_common import TASKS
 
 
 def get_config(task: str, arg: str | None = None):

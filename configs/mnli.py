@@ -1,7 +1,7 @@
 """MNLI with MTLoRA on RoBERTa-base: the reference recipe (lr 5e-4, 30 epochs, global batch 32).
 
 Reference batch: 16 x 2 GPUs. Shared settings (r = 8, alpha = 16, AdamW, linear schedule, warmup ratio 0.06,
-weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/common.py; pick the structure with
+weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/glue_common.py; pick the structure with
 --config.mtlora.structure=lora|shim|icfm|ctcm|dtsm (default shim).
 
 Commands:
@@ -16,9 +16,9 @@ DeBERTaV3-base: LoRA 86.9 -> MTLoRA 88.9). The smoke and minilm variants have no
 in ../shared/data/glue (too large), so the minilm variant needs --config.data_dir=<GLUE folder>.
 """
 
-from configs import common
+from configs import glue_common
 
 
 def get_config(arg: str | None = None):
-    """MNLI config; arg: None, "smoke" or "minilm" (see configs/common.py:task_config)."""
-    return common.task_config("mnli", arg, learning_rate=5e-4, num_epochs=30, batch_size=32)
+    """MNLI config; arg: None, "smoke" or "minilm" (see configs/glue_common.py:task_config)."""
+    return glue_common.task_config("mnli", arg, learning_rate=5e-4, num_epochs=30, batch_size=32)

@@ -1,7 +1,7 @@
 """MRPC with MTLoRA on RoBERTa-base: the reference recipe (lr 4e-4, 30 epochs, global batch 16).
 
 Reference batch: 16 on one GPU. Shared settings (r = 8, alpha = 16, AdamW, linear schedule, warmup ratio 0.06,
-weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/common.py; pick the structure with
+weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/glue_common.py; pick the structure with
 --config.mtlora.structure=lora|shim|icfm|ctcm|dtsm (default shim).
 
 Commands:
@@ -19,9 +19,9 @@ numbers for RoBERTa-base (the MTLoRA paper's GLUE average is for DeBERTaV3-base:
 The smoke and minilm variants have no expected score.
 """
 
-from configs import common
+from configs import glue_common
 
 
 def get_config(arg: str | None = None):
-    """MRPC config; arg: None, "smoke" or "minilm" (see configs/common.py:task_config)."""
-    return common.task_config("mrpc", arg, learning_rate=4e-4, num_epochs=30, batch_size=16)
+    """MRPC config; arg: None, "smoke" or "minilm" (see configs/glue_common.py:task_config)."""
+    return glue_common.task_config("mrpc", arg, learning_rate=4e-4, num_epochs=30, batch_size=16)

@@ -17,11 +17,11 @@ it raises ValueError naming the first bad key.
 
 import importlib.util
 import pathlib
-import re
 
 import ml_collections
 
-from configs import common
+from configs import base
+from configs.base import check
 
 NLG_TASKS = ("e2e", "webnlg", "dart")
 SPLITS = ("train", "valid", "validation", "dev", "test")
@@ -56,40 +56,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data_dir = ""
     # Split decoded and scored at the end: "test", "valid" (= "dev", "validation") or "train".
     c.eval_split = "test"
-    # Training length in epochs over the training examples; used when num_train_steps < 0.
-    c.num_epochs = 5.0
-    # Training length in optimizer steps; >= 0 replaces num_epochs (0 = evaluate the base model), -1 = epochs.
-    c.num_train_steps = -1
-    # Global batch size (examples per optimizer step over all devices).
-    c.batch_size = 8
-    # Maximum tokens of a training sequence (context + separator + target + eos); longer ones keep their start.
-    c.max_length = 512
-    # Padded training sequence lengths (one XLA compile each); max_length is always the last bucket.
-    c.length_buckets = (64, 128, 256)
-    # Peak learning rate of the linear warmup + linear decay schedule (AdamW).
-    c.learning_rate = 2e-4
-    # Optimizer steps of linear warmup from 0.
-    c.warmup_steps = 500
-    # AdamW decoupled weight decay (trainable leaves only).
-    c.weight_decay = 0.01
+    # Steps, batch, AdamW (500 warmup steps), evaluation only after the last step, a checkpoint every 1000 steps.
+    base.add_run_keys(
+        c, num_epochs=5.0, batch_size=8, max_length=512, length_buckets=(64, 128, 256), learning_rate=2e-4,
+        warmup_steps=500, warmup_ratio=0.0, weight_decay=0.01, eval_every_steps=0, checkpoint_every_steps=1000,
+    )  # fmt: skip
     # Label smoothing eps of the target-token cross-entropy.
     c.label_smoothing = 0.1
-    # Seed of adapter init, dropout and data order.
-    c.seed = 0
-    # Compute dtype: "float32" or "bfloat16" (params stay float32).
-    c.dtype = "float32"
     # mesh, distributed, base_dtype, scan_layers (nn.scan over the decoder blocks: one compile), remat.
-    common.add_scale_out(c, scan_layers=True)
-    # Decode and score eval_split every N steps during training; -1 = only after the last step.
-    c.eval_every_steps = -1
-    # Save a checkpoint (adapters, optimizer state, step) every N steps; the last step is always saved.
-    c.checkpoint_every_steps = 1000
-    # Checkpoints kept on disk.
-    c.keep_checkpoints = 2
-    # Log train metrics every N steps.
-    c.log_every_steps = 100
-    # Use only N training examples (chosen by train_subset); -1 = all.
-    c.max_train_examples = -1
+    base.add_scale_out(c, scan_layers=True)
     # Which N: "first" (file order) or "spread" (evenly spaced over the file; WebNLG's file is ordered by
     # table size and category, so its first examples are all single-triple tables of a few categories).
     c.train_subset = "first"
@@ -98,8 +73,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Which M: "first" (file order) or "spread" (evenly spaced over the split; on WebNLG test both seen and
     # unseen categories and all table sizes, which the file order groups).
     c.eval_subset = "first"
-    # Also decode eval_split before training (the base model; adapters start at dW = 0) -> metrics_before.
-    c.eval_before_training = False
     # Prompts per decoding batch (before beam expansion); a multiple of the data-axis devices.
     c.eval_batch_size = 16
     # Left-padded prompt lengths (one decoder compile each); longer prompts keep their last tokens.
@@ -112,8 +85,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.no_repeat_ngram_size = 4
     # Most tokens generated per input.
     c.max_new_tokens = 64
-    # MTLoRA adapters (mtlora_jax.MTLoRAConfig, built in train/nlg_train.py:mtlora_config).
-    c.mtlora = common.mtlora_config(rank=4, alpha=32.0, dropout=0.1)
+    # MTLoRA adapters (mtlora_jax.MTLoRAConfig, built in train/runner.py:mtlora_config).
+    c.mtlora = base.mtlora_config(rank=4, alpha=32.0, dropout=0.1)
     c.lock()
     return c
 
@@ -126,13 +99,13 @@ def task_config(task: str, arg: str | None, *, length_penalty: float) -> ml_coll
       arg: None, "smoke" or "smollm" (module docstring).
       length_penalty: the reference's beam length penalty for this task.
     """
-    variant = common.parse_arg(arg, smoke=False, smollm=False)
+    variant = base.parse_arg(arg, smoke=False, smollm=False)
     if variant.smoke and variant.smollm:
         raise ValueError("config arguments 'smoke' and 'smollm' exclude each other")
     c = get_base_config()
     c.task, c.length_penalty = task, length_penalty
     if variant.smoke:
-        c.model, c.data_dir = "", str(common.REPO / "tests" / "fixtures" / "nlg")
+        c.model, c.data_dir = "", str(base.REPO / "tests" / "fixtures" / "nlg")
         c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 6, 8, 64, (64,)
         c.learning_rate, c.warmup_steps, c.mtlora.dropout = 1e-2, 1, 0.0
         c.checkpoint_every_steps, c.log_every_steps = 3, 1
@@ -141,7 +114,7 @@ def task_config(task: str, arg: str | None, *, length_penalty: float) -> ml_coll
     if variant.smollm:
         # Measured on the shared 2-core CPU (docs/BENCHMARKS.md): a step of 8 x 64 tokens takes ~15 s, beam 2
         # decodes ~20 inputs a minute. One pass over 960 training examples spread over the file, 100 test inputs.
-        c.model, c.data_dir = smollm_path(), str(common.REPO.parent / "shared" / "data" / "nlg")
+        c.model, c.data_dir = smollm_path(), str(base.REPO.parent / "shared" / "data" / "nlg")
         c.num_train_steps, c.max_train_examples, c.train_subset = 120, 960, "spread"
         c.learning_rate, c.warmup_steps = 5e-4, 10
         c.max_length, c.length_buckets = 128, (64, 96)
@@ -151,51 +124,24 @@ def task_config(task: str, arg: str | None, *, length_penalty: float) -> ml_coll
     return c
 
 
-def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{key}={value!r}: expected {expected}")
-
-
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the values of an NLG config; raises ValueError naming the first bad key. Returns `config`."""
-    c, m = config, config.mtlora
-    _check(c.task in NLG_TASKS, "task", c.task, f"one of {', '.join(NLG_TASKS)}")
-    _check(bool(c.model), "model", c.model, "a hub id, a local HF folder or a .gguf file (--config.model=...)")
+    c = config
+    check(c.task in NLG_TASKS, "task", c.task, f"one of {', '.join(NLG_TASKS)}")
+    check(bool(c.model), "model", c.model, "a hub id, a local HF folder or a .gguf file (--config.model=...)")
     hint = f"a folder with the LoRA-repo {c.task} files ({DATA_HINT[c.task]}): --config.data_dir=<folder>"
-    _check(bool(c.data_dir), "data_dir", c.data_dir, hint)
-    _check(pathlib.Path(c.data_dir).is_dir(), "data_dir", c.data_dir, f"an existing folder; {hint}")
-    _check(c.eval_split in SPLITS, "eval_split", c.eval_split, f"one of {', '.join(SPLITS)}")
-    _check(c.num_train_steps >= 0 or c.num_epochs > 0, "num_epochs", c.num_epochs, "> 0 when num_train_steps < 0")
-    _check(c.num_train_steps >= -1, "num_train_steps", c.num_train_steps, ">= 0, or -1 to use num_epochs")
-    for key in ("batch_size", "max_length", "eval_batch_size", "beam_size", "max_new_tokens", "keep_checkpoints"):
-        _check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive int")
-    for key in ("length_buckets", "prompt_buckets"):
-        _check(bool(c[key]) and all(isinstance(b, int) and b > 0 for b in c[key]), key, c[key], "positive ints")
-    for key in ("checkpoint_every_steps", "log_every_steps"):
-        _check(c[key] > 0, key, c[key], "> 0")
-    _check(c.eval_every_steps == -1 or c.eval_every_steps > 0, "eval_every_steps", c.eval_every_steps, "-1 or > 0")
-    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "> 0")
-    _check(c.warmup_steps >= 0, "warmup_steps", c.warmup_steps, ">= 0")
-    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
-    _check(0 <= c.label_smoothing < 1, "label_smoothing", c.label_smoothing, "in [0, 1)")
-    _check(c.length_penalty >= 0, "length_penalty", c.length_penalty, ">= 0")
-    _check(c.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", c.no_repeat_ngram_size, ">= 0 (0 = off)")
-    _check(c.dtype in common.DTYPES, "dtype", c.dtype, f"one of {', '.join(common.DTYPES)}")
-    common.check_scale_out(c)
+    check(bool(c.data_dir), "data_dir", c.data_dir, hint)
+    check(pathlib.Path(c.data_dir).is_dir(), "data_dir", c.data_dir, f"an existing folder; {hint}")
+    check(c.eval_split in SPLITS, "eval_split", c.eval_split, f"one of {', '.join(SPLITS)}")
+    for key in ("eval_batch_size", "beam_size", "max_new_tokens"):
+        check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive int")
+    check(bool(c.prompt_buckets) and all(isinstance(b, int) and b > 0 for b in c.prompt_buckets), "prompt_buckets",
+          c.prompt_buckets, "positive ints")  # fmt: skip
+    check(0 <= c.label_smoothing < 1, "label_smoothing", c.label_smoothing, "in [0, 1)")
+    check(c.length_penalty >= 0, "length_penalty", c.length_penalty, ">= 0")
+    check(c.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", c.no_repeat_ngram_size, ">= 0 (0 = off)")
     for key in ("train_subset", "eval_subset"):
-        _check(c[key] in SUBSETS, key, c[key], f"one of {', '.join(SUBSETS)}")
-    for key in ("max_train_examples", "eval_max_examples"):
-        _check(c[key] == -1 or c[key] > 0, key, c[key], "-1 (all) or > 0")
-    _check(m.structure in common.STRUCTURES, "mtlora.structure", m.structure, f"one of {', '.join(common.STRUCTURES)}")
-    _check(m.rank > 0, "mtlora.rank", m.rank, "> 0")
-    _check(m.alpha > 0, "mtlora.alpha", m.alpha, "> 0")
-    _check(0 <= m.dropout < 1, "mtlora.dropout", m.dropout, "in [0, 1)")
-    presets = common.TARGET_PRESETS
-    _check(m.targets_preset in presets, "mtlora.targets_preset", m.targets_preset, f"one of {', '.join(presets)}")
-    for key in ("extra_targets", "extra_trainable"):
-        for pattern in m[key]:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise ValueError(f"config.mtlora.{key}: {pattern!r} is not a regex ({e})") from None
-    return config
+        check(c[key] in SUBSETS, key, c[key], f"one of {', '.join(SUBSETS)}")
+    check(c.eval_max_examples == -1 or c.eval_max_examples > 0, "eval_max_examples", c.eval_max_examples,
+          "-1 (all) or > 0")  # fmt: skip
+    return base.validate(config)

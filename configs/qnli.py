@@ -1,7 +1,7 @@
 """QNLI with MTLoRA on RoBERTa-base: the reference recipe (lr 4e-4, 25 epochs, global batch 64).
 
 Reference batch: 32 x 2 GPUs. Shared settings (r = 8, alpha = 16, AdamW, linear schedule, warmup ratio 0.06,
-weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/common.py; pick the structure with
+weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/glue_common.py; pick the structure with
 --config.mtlora.structure=lora|shim|icfm|ctcm|dtsm (default shim).
 
 Commands:
@@ -16,9 +16,9 @@ variants have no expected score. QNLI is not in ../shared/data/glue (too large),
 --config.data_dir=<GLUE folder>.
 """
 
-from configs import common
+from configs import glue_common
 
 
 def get_config(arg: str | None = None):
-    """QNLI config; arg: None, "smoke" or "minilm" (see configs/common.py:task_config)."""
-    return common.task_config("qnli", arg, learning_rate=4e-4, num_epochs=25, batch_size=64)
+    """QNLI config; arg: None, "smoke" or "minilm" (see configs/glue_common.py:task_config)."""
+    return glue_common.task_config("qnli", arg, learning_rate=4e-4, num_epochs=25, batch_size=64)

@@ -1,7 +1,7 @@
 """SST-2 with MTLoRA on RoBERTa-base: the reference recipe (lr 5e-4, 60 epochs, global batch 32).
 
 Reference batch: 16 x 2 GPUs. Shared settings (r = 8, alpha = 16, AdamW, linear schedule, warmup ratio 0.06,
-weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/common.py; pick the structure with
+weight decay 0.1, max length 512, targets "mtlora-paper") come from configs/glue_common.py; pick the structure with
 --config.mtlora.structure=lora|shim|icfm|ctcm|dtsm (default shim).
 
 Commands:
@@ -15,9 +15,9 @@ Table 2; the anchor in ../shared/REFERENCE.md). REFERENCE.md gives no per-task M
 variants have no expected score.
 """
 
-from configs import common
+from configs import glue_common
 
 
 def get_config(arg: str | None = None):
-    """SST-2 config; arg: None, "smoke" or "minilm" (see configs/common.py:task_config)."""
-    return common.task_config("sst2", arg, learning_rate=5e-4, num_epochs=60, batch_size=32)
+    """SST-2 config; arg: None, "smoke" or "minilm" (see configs/glue_common.py:task_config)."""
+    return glue_common.task_config("sst2", arg, learning_rate=5e-4, num_epochs=60, batch_size=32)

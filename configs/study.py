@@ -2,7 +2,7 @@
 
   python -m train.study --config configs/study.py --dry_run                 # the grid and what is done
   nohup python -m train.study --config configs/study.py --commit --max_hours 2.5 > study.log 2>&1 &
-  python -m train.report --config configs/study.py                          # docs/RESULTS.md + docs/figures
+  python -m train.study.report --config configs/study.py                    # docs/RESULTS.md + docs/figures
 
 Rows of the grid, per task and seed: the structures lora, shim, icfm, ctcm, dtsm on the same targets (the MTLoRA
 reference's q, v and both FFN matrices, "mtlora-paper"), plus a parameter-matched LoRA row. MTLoRA adds (k·r)² (shim,
@@ -32,7 +32,7 @@ Arguments (`--config configs/study.py:<arg>`):
 
 import ml_collections
 
-from configs import common
+from configs import base
 
 STRUCTURES = ("lora", "shim", "icfm", "ctcm", "dtsm")
 # Trainable [r, r] matrices of T per structure (mtlora_jax/structures.py: T = I, C, C Cᵀ, C D, C + D).
@@ -114,7 +114,7 @@ _GLUE_OFFLINE = (
 _NLG_OFFLINE = (
     "num_train_steps=60", "max_train_examples=2000", "train_subset=spread", "batch_size=4", "max_length=128",
     "length_buckets=(64, 96)", "learning_rate=1e-3", "warmup_steps=10", "weight_decay=0.01", "label_smoothing=0.1",
-    "checkpoint_every_steps=20", "keep_checkpoints=1", "log_every_steps=5", "eval_every_steps=-1",
+    "checkpoint_every_steps=20", "keep_checkpoints=1", "log_every_steps=5", "eval_every_steps=0",
     "eval_before_training=False", "eval_split=test", "eval_max_examples=100", "eval_subset=spread",
     "eval_batch_size=20", "prompt_buckets=(64, 96, 160)", "beam_size=1", "max_new_tokens=64",
     "mtlora.rank=4", "mtlora.alpha=32.0", "mtlora.dropout=0.1", "mtlora.targets_preset=mtlora-paper", "mesh.data=1",
@@ -176,7 +176,7 @@ def _smoke() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The study grid; arg: "offline" (default), "gpu" or "smoke" (see the module docstring)."""
-    variant = common.parse_arg(arg, offline=False, gpu=False, smoke=False)
+    variant = base.parse_arg(arg, offline=False, gpu=False, smoke=False)
     chosen = [name for name in ("offline", "gpu", "smoke") if variant[name]] or ["offline"]
     if len(chosen) > 1:
         raise ValueError(f"config arguments {' and '.join(chosen)} exclude each other")
@@ -190,7 +190,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.results_dir = f"results/{grid}"
     # Persistent XLA compilation cache shared by the runs (identical shapes compile once across seeds).
     c.cache_dir = "workdirs/study/jax_cache"
-    # Where train.report writes the report and its figures.
+    # Where train.study.report writes the report and its figures.
     c.report = "docs/RESULTS.md" if grid == "offline" else f"docs/RESULTS_{grid}.md"
     c.figures_dir = "docs/figures" if grid == "offline" else f"docs/figures/{grid}"
     # Structures compared (each also a row of the report).

@@ -10,8 +10,8 @@ from absl import flags
 from ml_collections import config_flags
 
 import configs
-from configs import common, nlg_common
-from train import glue_tasks
+from configs import base, glue_common, nlg_common
+from train.glue import tasks as glue_tasks
 
 CONFIGS = pathlib.Path(configs.__file__).parent
 REQUIRED = {
@@ -41,6 +41,9 @@ REQUIRED = {
     "keep_checkpoints",
     "log_every_steps",
     "init_from",
+    "warmup_steps",
+    "eval_before_training",
+    "compilation_cache_dir",
     "max_train_examples",
     "max_eval_examples",
     "mtlora",
@@ -61,9 +64,9 @@ RECIPES = {
 
 def test_config_files_and_tasks_agree():
     """Every GLUE task has a config file; every other file is an NLG task or a shared / driver module."""
-    files = {p.stem for p in CONFIGS.glob("*.py")} - {"__init__", "common", "nlg_common", "study"}
+    files = {p.stem for p in CONFIGS.glob("*.py")} - {"__init__", "base", "glue_common", "nlg_common", "study"}
     assert files == set(RECIPES) | set(nlg_common.NLG_TASKS)
-    assert set(RECIPES) == set(common.TASKS) == set(glue_tasks.TASKS)
+    assert set(RECIPES) == set(glue_common.TASKS) == set(glue_tasks.TASKS)
 
 
 @pytest.mark.parametrize("task", sorted(RECIPES))
@@ -72,7 +75,7 @@ def test_get_config_has_required_keys_and_validates(task, arg):
     config = configs.get_config(task, arg)
     assert set(config.keys()) == REQUIRED and set(config.mtlora.keys()) == MTLORA
     assert config.task == task
-    common.validate(config)
+    glue_common.validate(config)
 
 
 @pytest.mark.parametrize("task", sorted(RECIPES))
@@ -94,7 +97,7 @@ def test_smoke_and_minilm_are_local_and_small():
     assert (smoke.num_train_steps, smoke.batch_size, smoke.max_length) == (5, 4, 32)
     minilm = configs.get_config("rte", "minilm")
     assert minilm.data_dir.endswith("shared/data/glue") and minilm.num_train_steps > 0
-    if common.minilm_path() != common.MINILM_HUB_ID:
+    if glue_common.minilm_path() != glue_common.MINILM_HUB_ID:
         assert pathlib.Path(smoke.model, "tokenizer.json").is_file() and minilm.model == smoke.model
 
 
@@ -147,7 +150,7 @@ def test_command_line_overrides(task):
         config.mtlora.alpha,
     )
     assert got == ("/models/x", "/data/glue", 7, 8, 64, 1e-3, 3, "lora", 4, 8.0)
-    common.validate(config)
+    glue_common.validate(config)
 
 
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -161,7 +164,7 @@ def test_command_line_typo_fails():
     [
         ("task", "wnli", r"config.task='wnli': expected one of cola"),
         ("data_source", "s3", r"config.data_source='s3'"),
-        ("batch_size", 0, r"config.batch_size=0: expected > 0"),
+        ("batch_size", 0, r"config.batch_size=0: expected a positive int"),
         ("grad_accum_steps", 3, r"config.grad_accum_steps=3: expected a positive divisor of batch_size=32"),
         ("length_buckets", (64, -1), r"config.length_buckets=\(64, -1\)"),
         ("warmup_ratio", 1.0, r"config.warmup_ratio=1.0: expected in \[0, 1\)"),
@@ -181,34 +184,34 @@ def test_validate_names_the_bad_key(key, value, match):
         node = node[p]
     node[leaf] = value
     with pytest.raises(ValueError, match=match):
-        common.validate(config)
+        glue_common.validate(config)
 
 
 def test_validate_cross_field_rules():
     config = configs.get_config("sst2")
     config.data_source = "local"
     with pytest.raises(ValueError, match=r"config.data_dir='': expected a GLUE folder"):
-        common.validate(config)
+        glue_common.validate(config)
     config = configs.get_config("sst2")
     config.num_epochs = 0.0
-    with pytest.raises(ValueError, match=r"config.num_epochs=0.0: expected > 0 when num_train_steps <= 0"):
-        common.validate(config)
+    with pytest.raises(ValueError, match=r"config.num_epochs=0.0: expected > 0 when num_train_steps is -1"):
+        glue_common.validate(config)
     config.num_train_steps = 10
-    common.validate(config)
+    glue_common.validate(config)
     config.mesh.data = -2
     with pytest.raises(ValueError, match=r"config.mesh"):
-        common.validate(config)
+        glue_common.validate(config)
 
 
 def test_parse_arg():
-    arg = common.parse_arg("smoke,rank=4,name=x", smoke=False, minilm=False, rank=8, name="")
+    arg = base.parse_arg("smoke,rank=4,name=x", smoke=False, minilm=False, rank=8, name="")
     assert (arg.smoke, arg.minilm, arg.rank, arg.name) == (True, False, 4, "x")
-    assert common.parse_arg(None, smoke=False).smoke is False
-    assert common.parse_arg("smoke=false", smoke=True).smoke is False
+    assert base.parse_arg(None, smoke=False).smoke is False
+    assert base.parse_arg("smoke=false", smoke=True).smoke is False
     with pytest.raises(ValueError, match=r"unknown config argument 'tiny'; expected one of smoke, minilm"):
         configs.get_config("sst2", "tiny")
     with pytest.raises(ValueError, match=r"config argument rank='four': expected a int"):
-        common.parse_arg("rank=four", rank=8)
+        base.parse_arg("rank=four", rank=8)
     with pytest.raises(ValueError, match="exclude each other"):
         configs.get_config("sst2", "smoke,minilm")
     with pytest.raises(ValueError, match="unknown GLUE task 'wnli'"):
@@ -218,4 +221,4 @@ def test_parse_arg():
 def test_target_presets_are_the_library_presets():
     """configs only names presets; their regexes come from mtlora_jax.models.presets (one source of truth)."""
     presets = pytest.importorskip("mtlora_jax.models.presets")
-    assert set(common.TARGET_PRESETS) == set(presets.PRESETS)
+    assert set(base.TARGET_PRESETS) == set(presets.PRESETS)

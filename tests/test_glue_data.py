@@ -13,7 +13,9 @@ import types
 import numpy as np
 import pytest
 
-from train import glue_data, glue_tasks
+from train import hub
+from train.glue import data as glue_data
+from train.glue import tasks as glue_tasks
 
 # task, split, rows, labels, first text_a (start), first text_b (start)
 FIXTURE_SPLITS = [
@@ -201,7 +203,7 @@ def test_hf_source_offline_fails_fast_with_data_dir_hint(monkeypatch):
 def test_hf_source_unreachable_hub_fails_fast(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(glue_data, "hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout_s=3.0: False)
     monkeypatch.setitem(sys.modules, "datasets", types.ModuleType("datasets"))  # must not be called
     with pytest.raises(RuntimeError, match=r"unreachable.*--config.data_dir=<folder holding CoLA/"):
         glue_data.load_task("cola", "dev", source="hf")

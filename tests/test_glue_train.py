@@ -1,4 +1,5 @@
-"""GLUE fine-tuning end to end (train/glue_train.py, python -m train.glue) on the fixtures and on real data.
+"""GLUE fine-tuning end to end (train/glue/train.py on train/runner.py, python -m train.glue) on the fixtures
+and on real data.
 
 Most runs use a tiny random BERT (tests/tiny_models.py), so a run costs little more than its compiles; the
 smoke config runs as shipped with all-MiniLM-L6-v2. Learning is checked on full batches without dropout (the
@@ -21,11 +22,14 @@ import tiny_models
 import configs
 import mtlora_jax as mt
 from mtlora_jax import models
-from train import glue_data, glue_train, loop, reporting
+from train import loop, run_log
+from train.glue import data as glue_data
+from train.glue import train as glue_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUMMARY_KEYS = {"task", "metrics", "best", "best_step", "best_epoch", "trainable_params", "wall_time_s"}
-# The dev metrics of each task (the issue's contract), written out independently of train/glue_tasks.py.
+SUMMARY_KEYS = {"task", "model", "num_train_steps", "metrics", "eval_time_s", "best", "best_step", "best_epoch",
+                "trainable_params", "wall_time_s"}  # fmt: skip
+# The dev metrics of each task (the issue's contract), written out independently of train/glue/tasks.py.
 TASK_METRICS = {"cola": {"mcc", "accuracy"}, "stsb": {"pearson", "spearman"}, "mnli": {"accuracy_m", "accuracy_mm"}}
 
 
@@ -78,7 +82,7 @@ def tiny_config(task, model_path, **overrides):
 
 
 def _train_losses(workdir):
-    return {r["step"]: r["loss"] for r in reporting.read_metrics(workdir) if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in run_log.read_metrics(workdir) if r["kind"] == "train"}
 
 
 def test_smoke_config_runs_end_to_end_with_minilm(tmp_path, monkeypatch):
@@ -109,7 +113,7 @@ def test_smoke_config_runs_end_to_end_with_minilm(tmp_path, monkeypatch):
     per_layer = 2 * (2 * r * d + r * r) + 2 * (r * (d + f) + r * r)
     assert summary["trainable_params"] == 6 * per_layer + d * d + d + 2 * d + 2
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    records = reporting.read_metrics(str(tmp_path))
+    records = run_log.read_metrics(str(tmp_path))
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [5]
     assert all(math.isfinite(r["loss"]) and {"learning_rate", "examples_per_s"} <= set(r) for r in records[:5])
@@ -168,7 +172,7 @@ def resume_template(tiny_model):
     """The adapted tiny model of the RESUME config, to read its checkpoints into."""
     config = tiny_config("sst2", tiny_model, **RESUME)
     module, base = models.from_pretrained(config.model, head="classification", num_labels=2)
-    return glue_train.add_adapters(config, module, base, "classification")[0]
+    return tiny_models.adapt(config, module, base, "classification")[0]
 
 
 def _assert_same_run(workdir, summary, reference, template):
@@ -192,7 +196,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     uninterrupted, resume_template, tiny_model, tmp_path, monkeypatch
 ):
     """Killed during step 5 (last checkpoint: step 4), then rerun: same losses, metrics and adapters."""
-    update = reporting.Progress.update
+    update = run_log.Progress.update
 
     def crash_at_5(self, step, metrics=None):
         if step == 5:
@@ -201,7 +205,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
 
     config = tiny_config("sst2", tiny_model, **RESUME)
     with monkeypatch.context() as m:
-        m.setattr(reporting.Progress, "update", crash_at_5)
+        m.setattr(run_log.Progress, "update", crash_at_5)
         with pytest.raises(KeyboardInterrupt):
             glue_train.train_and_evaluate(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
@@ -243,13 +247,13 @@ def test_init_from_takes_the_adapters_not_the_head(tiny_model_nodrop, tmp_path):
     assert set(summary["metrics"]) == TASK_METRICS["mnli"]
     _assert_learns(mnli_dir)
     mnli_module, mnli_base = models.from_pretrained(model, head="classification", num_labels=3)
-    mnli_template = glue_train.add_adapters(tiny_config("mnli", model), mnli_module, mnli_base, "classification")[0]
+    mnli_template = tiny_models.adapt(tiny_config("mnli", model), mnli_module, mnli_base, "classification")[0]
     trained = mt.adapter_state(mt.load_adapters(os.path.join(mnli_dir, "checkpoints", "16"), mnli_template))
 
     config = _full_batch("stsb", model, init_from=mnli_dir)
     module, base = models.from_pretrained(model, head="regression", seed=config.seed)
-    started, heads = glue_train.add_adapters(config, module, base, "regression")
-    fresh = mt.adapter_state(glue_train.add_adapters(tiny_config("stsb", model), module, base, "regression")[0], heads)
+    started, heads = tiny_models.adapt(config, module, base, "regression")
+    fresh = mt.adapter_state(tiny_models.adapt(tiny_config("stsb", model), module, base, "regression")[0], heads)
     n_factors = 0
     for path, leaf in mt.adapter_state(started, heads).items():
         if path.rsplit("/", 1)[-1] in ("a", "b", "c", "d"):
@@ -265,7 +269,7 @@ def test_init_from_takes_the_adapters_not_the_head(tiny_model_nodrop, tmp_path):
 
     wrong = tiny_config("stsb", model, init_from=mnli_dir, **{"mtlora.rank": 4})
     with pytest.raises(ValueError, match="rank"):
-        glue_train.add_adapters(wrong, module, base, "regression")
+        tiny_models.adapt(wrong, module, base, "regression")
 
 
 @pytest.mark.parametrize(
@@ -280,7 +284,9 @@ def test_init_from_takes_the_adapters_not_the_head(tiny_model_nodrop, tmp_path):
         ({"mtlora.rank": 64}, ValueError, r"config.mtlora .*rank 64 must be in \[1, min"),
         ({"mtlora.extra_targets": ("encoder/nothing",)}, ValueError, r"config.mtlora .*encoder/nothing"),
         ({"learning_rate": -1.0}, ValueError, r"config.learning_rate=-1.0: expected > 0"),
-        ({"keep_checkpoints": 0}, ValueError, r"config.keep_checkpoints=0: expected >= 1"),
+        ({"keep_checkpoints": 0}, ValueError, r"config.keep_checkpoints=0: expected a positive int"),
+        ({"log_every_steps": 0}, ValueError, r"config.log_every_steps=0: expected a positive int"),
+        ({"warmup_steps": 9}, ValueError, r"config.warmup_steps=9: expected fewer than the 5 training steps"),
     ],
 )  # fmt: skip
 def test_bad_configs_fail_fast_and_name_the_key(overrides, error, match, tiny_model, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The task-agnostic train pieces (train/loop.py, mesh.py, checkpoints.py, reporting.py) on a toy MLP + MTLoRA.
+"""The task-agnostic train pieces (train/loop.py, mesh.py, checkpoints.py, run_log.py) on a toy MLP + MTLoRA.
 
 Checked against independent references: the HF linear warmup/decay formula, a full-batch step vs gradient
 accumulation, one device vs an 8-device mesh, and checkpoint round trips compared leaf by leaf.
@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import mtlora_jax as mt
-from train import checkpoints, loop, reporting
+from train import checkpoints, loop, run_log
 from train import mesh as mesh_lib
 
 HEAD = (r"head/.*",)
@@ -233,15 +233,15 @@ def test_load_adapter_factors_keeps_the_head(tmp_path):
 
 
 def test_metric_writer_drops_records_after_the_resumed_step(tmp_path):
-    w = reporting.MetricWriter(str(tmp_path))
+    w = run_log.MetricWriter(str(tmp_path))
     for s in range(1, 6):
         w.write(s, "train", {"loss": 1.0 / s})
     w.write(4, "eval", {"accuracy": 0.5})
     w.close()
-    w = reporting.MetricWriter(str(tmp_path), start_step=3)
+    w = run_log.MetricWriter(str(tmp_path), start_step=3)
     w.write(4, "train", {"loss": 9.0})
     w.close()
-    records = reporting.read_metrics(str(tmp_path))
+    records = run_log.read_metrics(str(tmp_path))
     assert [(r["step"], r["kind"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (4, "train")]
     assert records[-1]["loss"] == 9.0
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb"))
@@ -249,7 +249,7 @@ def test_metric_writer_drops_records_after_the_resumed_step(tmp_path):
 
 def test_sigterm_sets_the_flag_and_restores_the_handler():
     before = signal.getsignal(signal.SIGTERM)
-    with reporting.sigterm_flag() as flag:
+    with run_log.sigterm_flag() as flag:
         assert not flag.is_set()
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.wait(5)

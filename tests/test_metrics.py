@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from train import metrics
+from train.glue import metrics
 
 
 def _counts(p, y):

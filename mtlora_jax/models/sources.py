@@ -17,6 +17,8 @@ import re
 import jax
 import numpy as np
 
+from mtlora_jax.models import file_checks
+
 # Files a model folder needs from the hub: config, weights, tokenizer.
 HUB_PATTERNS = (
     "config.json",
@@ -103,6 +105,7 @@ def read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     tensors = {}
     cpu = jax.local_devices(backend="cpu")[0]  # this process's own CPU (multi-process runs)
     for name in files:
+        file_checks.check_safetensors(folder / name)  # the header fits in the file, before anything is read
         # framework="flax" reads every dtype incl. bfloat16 (the numpy API rejects it); kept on the CPU.
         with jax.default_device(cpu), safe_open(folder / name, framework="flax") as f:
             tensors.update({k: np.asarray(f.get_tensor(k)) for k in f.keys()})

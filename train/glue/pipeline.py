@@ -1,8 +1,6 @@
-"""GLUE examples -> tokenized, length-bucketed numpy batches with a few fixed shapes.
+"""GLUE examples -> tokenized, length-bucketed numpy batches (the plans of train/batching.py).
 
-Every batch has `batch_size` rows and a sequence length taken from a short list of buckets (e.g. 64, 128,
-256, 512), so a jitted step compiles once per bucket, never per batch. Each example goes to the smallest
-bucket that holds it. Batches are dicts of numpy arrays:
+Batches are dicts of numpy arrays:
 
   input_ids       [batch, seq] int32   token ids, right-padded with the tokenizer's pad id
   attention_mask  [batch, seq] int32   1 for real tokens, 0 for padding
@@ -15,19 +13,15 @@ A batch short of `batch_size` examples (the last of each bucket) is filled with 
 carrying weight 0, so padding rows are valid inputs (no all-masked attention rows, no NaN) and any loss or
 metric weighted by `weights` ignores them. Nothing is dropped: an epoch of `train_batches` and one pass of
 `eval_batches` see every example exactly once.
-
-Train order: per epoch, a permutation from `np.random.default_rng((seed, epoch))` is cut into batches per
-bucket and the batches are shuffled with the same generator, so batch k of epoch e depends only on
-(seed, e, k), and a run resumed at `start_step` sees the same batches as an uninterrupted one.
 """
 
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from train import glue_data
+from train import batching
+from train.glue import data as glue_data
 
 Batch = dict[str, np.ndarray]
 
@@ -97,48 +91,6 @@ def load_encoded(config, split: str, tokenizer) -> Encoded:
     return encode(examples, tokenizer, config.max_length)
 
 
-def bucket_lengths(length_buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
-    """The sorted bucket lengths below `max_length`, plus `max_length` itself (the last bucket)."""
-    if max_length <= 0 or any(int(b) <= 0 for b in length_buckets):
-        raise ValueError(f"length buckets {tuple(length_buckets)} and max_length {max_length} must be positive")
-    return tuple(sorted({int(b) for b in length_buckets if b < max_length} | {int(max_length)}))
-
-
-def _bucket_ids(lengths: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
-    """[n] index of the smallest bucket >= each length."""
-    ids = np.searchsorted(np.asarray(buckets), lengths, side="left")
-    if lengths.size and ids.max() >= len(buckets):
-        raise ValueError(f"an example has {lengths.max()} tokens, more than the largest bucket {buckets[-1]}")
-    return ids
-
-
-def _plan(lengths: np.ndarray, buckets, batch_size: int, order: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(bucket, [batch_size] example indices, -1 = padding) for `order` cut into batches per bucket."""
-    bucket_of = _bucket_ids(lengths, buckets)
-    plan = []
-    for b in range(len(buckets)):
-        members = order[bucket_of[order] == b]
-        for start in range(0, len(members), batch_size):
-            rows = np.full(batch_size, -1, np.int64)
-            chunk = members[start : start + batch_size]
-            rows[: len(chunk)] = chunk
-            plan.append((b, rows))
-    return plan
-
-
-def steps_per_epoch(encoded: Encoded, buckets: Sequence[int], batch_size: int) -> int:
-    """Batches in one epoch of `train_batches` (= batches of `eval_batches`): sum over buckets of ceil(n_b / B)."""
-    counts = np.bincount(_bucket_ids(encoded.lengths, buckets), minlength=len(buckets))
-    return int(sum(math.ceil(c / batch_size) for c in counts))
-
-
-def epoch_plan(encoded: Encoded, buckets: Sequence[int], batch_size: int, seed: int, epoch: int):
-    """The shuffled batches of one train epoch: a list of (bucket index, [batch_size] example indices)."""
-    rng = np.random.default_rng((seed, epoch))
-    plan = _plan(encoded.lengths, buckets, batch_size, rng.permutation(len(encoded)))
-    return [plan[i] for i in rng.permutation(len(plan))]
-
-
 def make_batch(encoded: Encoded, rows: np.ndarray, seq_len: int) -> Batch:
     """Gathers `rows` (example indices, -1 = padding) into one padded batch of shape [len(rows), seq_len]."""
     real = rows >= 0
@@ -166,29 +118,23 @@ def make_batch(encoded: Encoded, rows: np.ndarray, seq_len: int) -> Batch:
 def train_batches(
     encoded: Encoded, *, batch_size: int, buckets: Sequence[int], seed: int, start_step: int = 0
 ) -> Iterator[Batch]:
-    """Endless shuffled train batches, epoch after epoch, beginning at global step `start_step`.
+    """Endless shuffled train batches from global step `start_step` (the order of `batching.train_plan`).
 
     Args:
       encoded: the train split.
       batch_size: rows per batch (global batch).
-      buckets: sequence lengths, from `bucket_lengths`.
-      seed: shuffling seed; epoch e uses np.random.default_rng((seed, e)).
+      buckets: sequence lengths, from `batching.bucket_lengths`.
+      seed: shuffling seed.
       start_step: the first step to produce (a resumed run passes its restored step).
-
-    Yields:
-      Batches as in the module docstring; step s is batch s % steps_per_epoch of epoch s // steps_per_epoch.
     """
-    per_epoch = steps_per_epoch(encoded, buckets, batch_size)
-    if per_epoch == 0:
-        raise ValueError("the train split is empty")
-    epoch, skip = divmod(start_step, per_epoch)
-    while True:
-        for bucket, rows in epoch_plan(encoded, buckets, batch_size, seed, epoch)[skip:]:
-            yield make_batch(encoded, rows, buckets[bucket])
-        epoch, skip = epoch + 1, 0
+    plans = batching.train_plan(
+        encoded.lengths, batch_size=batch_size, buckets=buckets, seed=seed, start_step=start_step
+    )
+    for seq_len, rows in plans:
+        yield make_batch(encoded, rows, seq_len)
 
 
 def eval_batches(encoded: Encoded, *, batch_size: int, buckets: Sequence[int]) -> Iterator[Batch]:
     """One pass over every example exactly once (bucket by bucket, in index order); padding rows have weight 0."""
-    for bucket, rows in _plan(encoded.lengths, buckets, batch_size, np.arange(len(encoded))):
-        yield make_batch(encoded, rows, buckets[bucket])
+    for seq_len, rows in batching.eval_plan(encoded.lengths, batch_size=batch_size, buckets=buckets):
+        yield make_batch(encoded, rows, seq_len)

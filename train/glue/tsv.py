@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from train.glue_tasks import LocalFile, TaskSpec
+from train.glue.tasks import LocalFile, TaskSpec
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:

