@@ -54,7 +54,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def task_config(task: str, arg: str | None, *, learning_rate: float, num_epochs: float, batch_size: int):
+def task_config(
+    task: str, arg: str | None, *, learning_rate: float, num_epochs: float, batch_size: int, minilm: dict | None = None
+):
     """The config of one task: the reference hyper-parameters, then the `smoke` or `minilm` variant.
 
     Args:
@@ -62,6 +64,7 @@ def task_config(task: str, arg: str | None, *, learning_rate: float, num_epochs:
       arg: None (reference recipe), "smoke" (MiniLM, 5 steps on tests/fixtures/glue, what the tests run) or
         "minilm" (MiniLM on ../shared/data/glue, sized for a 2-core CPU).
       learning_rate, num_epochs, batch_size: the reference recipe for `task`.
+      minilm: the task's own settings of the minilm variant (e.g. SST-2's learning rate), over the shared ones.
     """
     variant = base.parse_arg(arg, smoke=False, minilm=False)
     if variant.smoke and variant.minilm:
@@ -78,6 +81,8 @@ def task_config(task: str, arg: str | None, *, learning_rate: float, num_epochs:
         c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 300, 16, 128, (32, 64)
         c.eval_every_steps = c.checkpoint_every_steps = 100
         c.log_every_steps = 10
+        for key, value in (minilm or {}).items():
+            c[key] = value
     return c
 
 

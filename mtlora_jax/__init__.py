@@ -14,13 +14,13 @@ from mtlora_jax.checkpoint import (
     adapter_state,
     load_adapters,
     load_training_state,
-    peft_lora_state,
     restore_adapter_state,
     save_adapters,
 )
 from mtlora_jax.inject import MTLoRAConfig, init
 from mtlora_jax.masks import combine, optimizer, split, trainable_mask
 from mtlora_jax.merge import merge, unmerge
+from mtlora_jax.peft_format import load_peft, peft_lora_state
 from mtlora_jax.sharding import adapter_specs, named_shardings, partition_specs
 from mtlora_jax.structures import STRUCTURES, transform
 from mtlora_jax.summary import count_params, summary
@@ -38,6 +38,7 @@ __all__ = [
     "init",
     "is_adapted",
     "load_adapters",
+    "load_peft",
     "load_training_state",
     "merge",
     "named_shardings",

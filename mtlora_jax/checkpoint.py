@@ -1,20 +1,15 @@
-"""Adapter-only checkpoints (Orbax) and the exact export to PEFT LoRA.
+"""Adapter-only checkpoints (Orbax); PEFT LoRA interchange lives in peft_format.py.
 
 A checkpoint holds the trainable leaves only (every A, B, C, D and the `extra_trainable` leaves, keyed
 by "/"-joined path), optionally the optimizer state and step, plus a JSON description of every adapter
 (structure, rank, scale, shapes) that restores are checked against. Base weights are never written.
 Orbax writes to a temporary folder and renames it when complete, so a checkpoint is never half-written.
-
-PEFT export: PEFT's LoRA computes dW_torch = (lora_alpha / r) · lora_B · lora_A. With lora_A = A and
-lora_B = B_full · T (and lora_alpha = scale · R) that is exactly MTLoRA's scale · B_full · T · A.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections import Counter
-from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -176,55 +171,3 @@ def load_training_state(path, params, opt_state=None):
 def load_adapters(path, params):
     """Restores adapters (and saved extra trainable leaves) from `save_adapters` into `params`."""
     return load_training_state(path, params)[0]
-
-
-def peft_lora_state(
-    params, module_name: Callable[[str], str], *, prefix: str = "base_model.model.", **config
-) -> tuple[dict[str, np.ndarray], dict]:
-    """Exact PEFT LoRA export: lora_A = A, lora_B = B_full · T, lora_alpha = scale · R.
-
-    Args:
-      params: an adapted tree (unstacked adapters).
-      module_name: maps a weight path (".../query/kernel") to the PEFT module name
-        ("encoder.layer.0.attention.self.query"). Paths ending in "/embedding" export as PEFT's
-        `lora_embedding_A` / `lora_embedding_B`.
-      prefix: prepended to module names in the state dict keys (PEFT's saved-adapter convention).
-      **config: extra adapter_config.json entries (e.g. fan_in_fan_out=True for GPT-2's Conv1D).
-
-    Returns:
-      (state_dict of numpy float32 arrays, adapter_config dict) to write as adapter_model.safetensors
-      and adapter_config.json.
-    """
-    state, ranks, alphas = {}, {}, {}
-    for path, ad in paths.named_leaves(params):
-        if not is_adapted(ad):
-            continue
-        if ad.stack_ndim:
-            raise ValueError(f"peft export: {path!r} is stacked (nn.scan); export an unscanned model")
-        name = module_name(path)
-        a = np.asarray(ad.a, np.float32)
-        t = ad.t()
-        b = np.asarray(ad.b_full() if t is None else ad.b_full() @ t, np.float32)
-        kind = "lora_embedding_" if path.endswith("/embedding") else "lora_"
-        suffix = "" if kind == "lora_embedding_" else ".weight"
-        state[f"{prefix}{name}.{kind}A{suffix}"] = a
-        state[f"{prefix}{name}.{kind}B{suffix}"] = b
-        ranks[name], alphas[name] = ad.total_rank, ad.scale * ad.total_rank
-    if not ranks:
-        raise ValueError("peft export: the tree has no adapted leaves")
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    cfg = {
-        "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-    }
-    cfg.update(config)
-    return state, cfg

@@ -28,7 +28,7 @@ from train.glue import train as glue_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {"task", "model", "num_train_steps", "metrics", "eval_time_s", "best", "best_step", "best_epoch",
-                "trainable_params", "wall_time_s"}  # fmt: skip
+                "best_checkpoint", "trainable_params", "wall_time_s"}  # fmt: skip
 # The dev metrics of each task (the contract), written out independently of train/glue/tasks.py.
 TASK_METRICS = {"cola": {"mcc", "accuracy"}, "stsb": {"pearson", "spearman"}, "mnli": {"accuracy_m", "accuracy_mm"}}
 

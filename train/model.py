@@ -5,6 +5,7 @@ the host straight to their shards on the mesh); `add_adapters(config, model)` in
 adapters (then `config.init_from`'s factors). Every failure names the config key to change.
 """
 
+import dataclasses
 import os
 from typing import Any, NamedTuple
 
@@ -14,9 +15,17 @@ from absl import logging
 
 import mtlora_jax as mt
 from mtlora_jax import models
+from mtlora_jax.paths import named_leaves, path_str
 from train import checkpoints, hub, placement
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# family -> (the HF class of a job's model, its backbone prefix, PEFT task type): export's and init_from's names
+HF_CLASSES = {
+    "bert": ("BertForSequenceClassification", "bert.", "SEQ_CLS"),
+    "roberta": ("RobertaForSequenceClassification", "roberta.", "SEQ_CLS"),
+    "gpt2": ("GPT2LMHeadModel", "transformer.", "CAUSAL_LM"),
+    "llama": ("LlamaForCausalLM", "model.", "CAUSAL_LM"),
+}
 MODEL_HINT = "pass --config.model=<local HF folder (config.json, model.safetensors, tokenizer files) or .gguf file>"
 
 
@@ -99,12 +108,44 @@ def trainable_heads(config, model: Model) -> tuple[str, ...]:
 
 
 def add_adapters(config, model: Model) -> Model:
-    """mt.init with the config's adapters (then init_from's factors, never its head); errors name config.mtlora."""
+    """mt.init with the config's adapters (then init_from's factors, never its head); errors name config.mtlora.
+
+    config.init_from: a workdir or checkpoint of an earlier run, or a PEFT LoRA folder (adapter_config.json;
+    structure "lora" only: a PEFT adapter has T = I)."""
     try:
         params = mt.init(model.params, mtlora_config(config, model.family), jax.random.key(config.seed))
     except ValueError as e:
         raise ValueError(f"config.mtlora ({config.mtlora.to_dict()}): {e}") from e
-    if config.init_from:
+    if config.init_from and os.path.isfile(os.path.join(os.path.expanduser(config.init_from), "adapter_config.json")):
+        params = _from_peft(config, model, params)
+        logging.info("adapters initialised from the PEFT folder %s", config.init_from)
+    elif config.init_from:
         params, folder = checkpoints.load_adapter_factors(config.init_from, params)
         logging.info("adapters (not the head) initialised from %s", folder)
     return model._replace(params=params)
+
+
+def _from_peft(config, model: Model, params):
+    """The config's adapters with A and B of the PEFT LoRA folder config.init_from (same targets, rank, scale)."""
+    folder = os.path.expanduser(config.init_from)
+    if config.mtlora.structure != "lora":
+        raise ValueError(f"config.init_from={config.init_from!r} is a PEFT LoRA folder (T = I): it needs "
+                         f"config.mtlora.structure='lora', not {config.mtlora.structure!r}")  # fmt: skip
+    prefix = HF_CLASSES[model.family][1]
+    try:  # saved from the task class (bert.encoder...), or from the bare backbone (encoder...)
+        peft = mt.load_peft(folder, model.params, lambda p: models.hf_module_name(p, model.family, prefix))
+    except ValueError:
+        peft = mt.load_peft(folder, model.params, lambda p: models.hf_module_name(p, model.family))
+    mine = dict(named_leaves(params))
+    out = {}
+    for path, ad in named_leaves(peft):
+        if not mt.is_adapted(ad):
+            continue
+        have = mine.get(path)
+        if not mt.is_adapted(have):
+            raise ValueError(f"config.init_from={config.init_from!r} adapts {path}, which config.mtlora does not")
+        if (have.a.shape, have.b.shape, have.scale) != (ad.a.shape, ad.b.shape, ad.scale):
+            raise ValueError(f"config.init_from={config.init_from!r}: {path} has rank {ad.a.shape[0]} and scale "
+                             f"{ad.scale} there, {have.a.shape[0]} and {have.scale} in config.mtlora")  # fmt: skip
+        out[path] = dataclasses.replace(have, a=ad.a, b=ad.b)
+    return jax.tree_util.tree_map_with_path(lambda kp, x: out.get(path_str(kp), x), params, is_leaf=mt.is_adapted)

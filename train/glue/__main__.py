@@ -9,11 +9,13 @@ status 143; an error prints one line (--verbose: the traceback). Results: <workd
 tb/ (TensorBoard); `python -m train.curves <workdir>` draws them.
 """
 
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from train import cli
-from train.glue import train
+from train import cli, mesh
+from train.glue import predict, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "GLUE config file, e.g. configs/sst2.py[:smoke].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics, summary.json.")
@@ -22,7 +24,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    cli.main(argv, train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, _VERBOSE.value)
+    summary = cli.main(argv, train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, _VERBOSE.value)
+    if mesh.is_main_process() and summary.get("best_checkpoint"):
+        print(cli.guarded(predict.show_examples, os.path.abspath(_WORKDIR.value), summary, verbose=_VERBOSE.value))
 
 
 if __name__ == "__main__":
