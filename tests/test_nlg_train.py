@@ -399,3 +399,34 @@ def test_export_of_a_gpt2_run_loads_in_transformers_and_peft(gpt2_cli_run, tiny_
     with torch.no_grad():
         lora = peft.PeftModel.from_pretrained(base, out).eval()(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(lora, ours, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_kill_while_a_checkpoint_is_written_resumes_like_the_uninterrupted_run(gpt2_cli_run, tiny_gpt2, tmp_path,
+                                                                               monkeypatch, no_jvm):  # fmt: skip
+    """Killed inside the save of step 6 (its items half written under Orbax's temporary name), then rerun: it
+    resumes from step 3 and ends with the losses, adapters and predictions of the uninterrupted run."""
+    import orbax.checkpoint as ocp
+
+    class Killed(BaseException):
+        pass
+
+    original = ocp.JsonCheckpointHandler.async_save
+
+    async def die_at_6(self, directory, *args, **kwargs):
+        if "/checkpoints/6" in str(directory):
+            raise Killed
+        return await original(self, directory, *args, **kwargs)
+
+    config = smoke_config("webnlg", tiny_gpt2)
+    with monkeypatch.context() as m:
+        m.setattr(ocp.JsonCheckpointHandler, "async_save", die_at_6)
+        with pytest.raises(Killed):
+            nlg_train.train_and_evaluate(config, str(tmp_path))
+    assert "3" in os.listdir(tmp_path / "checkpoints")
+    nlg_train.train_and_evaluate(config, str(tmp_path))
+    np.testing.assert_allclose(train_losses(tmp_path), train_losses(gpt2_cli_run), rtol=1e-6)
+    got, want = checkpoint_arrays(tmp_path, 6), checkpoint_arrays(gpt2_cli_run, 6)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=path)
+    assert (tmp_path / "test.predictions.txt").read_text() == (gpt2_cli_run / "test.predictions.txt").read_text()

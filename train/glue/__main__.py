@@ -11,10 +11,11 @@ tb/ (TensorBoard); `python -m train.curves <workdir>` draws them.
 
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from train import cli, mesh
+from train import cli
 from train.glue import predict, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "GLUE config file, e.g. configs/sst2.py[:smoke].")
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     summary = cli.main(argv, train.train_and_evaluate, _CONFIG.value, _WORKDIR.value, _VERBOSE.value)
-    if mesh.is_main_process() and summary.get("best_checkpoint"):
+    if jax.process_count() == 1 and summary.get("best_checkpoint"):  # not on a multi-host job: no console there
         print(cli.guarded(predict.show_examples, os.path.abspath(_WORKDIR.value), summary, verbose=_VERBOSE.value))
 
 
