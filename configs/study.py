@@ -111,10 +111,12 @@ _GLUE_OFFLINE = (
     "keep_checkpoints=1", "log_every_steps=10", "mtlora.rank=8", "mtlora.alpha=16.0", "mtlora.dropout=0.0",
     "mtlora.targets_preset=mtlora-paper", "mesh.data=1",
 )  # fmt: skip
+# eval_every_steps=-1 (once per epoch; 60 steps of one 500-step epoch): the decode runs after the last step only,
+# as it did when -1 meant "only after the last step" for train.nlg.
 _NLG_OFFLINE = (
     "num_train_steps=60", "max_train_examples=2000", "train_subset=spread", "batch_size=4", "max_length=128",
     "length_buckets=(64, 96)", "learning_rate=1e-3", "warmup_steps=10", "weight_decay=0.01", "label_smoothing=0.1",
-    "checkpoint_every_steps=20", "keep_checkpoints=1", "log_every_steps=5", "eval_every_steps=0",
+    "checkpoint_every_steps=20", "keep_checkpoints=1", "log_every_steps=5", "eval_every_steps=-1",
     "eval_before_training=False", "eval_split=test", "eval_max_examples=100", "eval_subset=spread",
     "eval_batch_size=20", "prompt_buckets=(64, 96, 160)", "beam_size=1", "max_new_tokens=64",
     "mtlora.rank=4", "mtlora.alpha=32.0", "mtlora.dropout=0.1", "mtlora.targets_preset=mtlora-paper", "mesh.data=1",

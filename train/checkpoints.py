@@ -87,6 +87,8 @@ def save(mngr: ocp.CheckpointManager, state, frozen, extra_trainable, train_meta
     args = ocp.args.Composite(
         adapters=ocp.args.StandardSave(flat), opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)
     )
+    if step in mngr.all_steps():  # a rerun after a kill redoes steps (the best one included): the new one wins
+        mngr.delete(step)
     mngr.save(step, args=args, force=True)
     mngr.wait_until_finished()
     return step
