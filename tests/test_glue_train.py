@@ -65,14 +65,7 @@ def tiny_model_nodrop(tmp_path_factory):
     return tiny_models.tiny_bert(tmp_path_factory.getbasetemp() / "tiny-bert-nodrop", dropout=0.0)
 
 
-def _set(config, overrides: dict):
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+_set = tiny_models.set_keys
 
 
 def tiny_config(task, model_path, **overrides):

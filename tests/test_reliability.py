@@ -45,13 +45,7 @@ def _config(task, model, **overrides):
     c.model, c.batch_size, c.length_buckets, c.max_length, c.num_train_steps = model, 8, (32,), 32, 4
     c.eval_every_steps = c.checkpoint_every_steps = 2
     c.keep_checkpoints, c.mesh.data = 3, 1
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return tiny_models.set_keys(c, overrides)
 
 
 def _losses(workdir):

@@ -58,3 +58,14 @@ def adapt(config, module, base, head: str):
 
     model = model_lib.add_adapters(config, model_lib.Model(module, base, None, models.family(module), head))
     return model.params, model_lib.trainable_heads(config, model)
+
+
+def set_keys(config, overrides: dict):
+    """Sets dotted keys ("mtlora.rank") of a ConfigDict; returns it."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config

@@ -7,15 +7,13 @@ The names accepted are the task's HF / TFDS feature names (`sentence`; `sentence
 (softmax of the head's logits), or `{"score"}` for STS-B.
 """
 
-import csv
-import json
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 import tqdm
 
-from train import batching, saved_run
+from train import batching, input_rows, saved_run
 from train.glue import data as glue_data
 from train.glue import pipeline
 from train.glue import tasks as glue_tasks
@@ -38,33 +36,18 @@ def _pick(keys, task: str, where: str) -> tuple[str, ...]:
 
 def read_rows(path: str, task: str) -> list[tuple[str, ...]]:
     """The text columns of every row of a TSV (with a header) or JSONL file; errors name file:line."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.endswith((".jsonl", ".json")):
-            names = None
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{i}: not a JSON object")
-                names = names or _pick(obj, task, f"{path}:{i}")
-                missing = [n for n in names if not isinstance(obj.get(n), str)]
-                if missing:
-                    raise ValueError(f"{path}:{i}: row has no text {missing[0]!r} (keys: {', '.join(obj)})")
-                rows.append(tuple(obj[n] for n in names))
-            return rows
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, [])
-        cols = [header.index(n) for n in _pick(header, task, f"{path}:1")]
-        for i, fields in enumerate(reader, 2):
-            if len(fields) <= max(cols):
-                raise ValueError(f"{path}:{i}: {len(fields)} fields, the header has {len(header)}")
-            rows.append(tuple(fields[c] for c in cols))
-    return rows
+    if input_rows.is_jsonl(path):
+        rows, names = [], None
+        for i, obj in input_rows.jsonl_rows(path):
+            names = names or _pick(obj, task, f"{path}:{i}")
+            missing = [n for n in names if not isinstance(obj.get(n), str)]
+            if missing:
+                raise ValueError(f"{path}:{i}: row has no text {missing[0]!r} (keys: {', '.join(obj)})")
+            rows.append(tuple(obj[n] for n in names))
+        return rows
+    header, lines = input_rows.tsv_rows(path)
+    cols = [header.index(n) for n in _pick(header, task, f"{path}:1")]
+    return [tuple(fields[c] for c in cols) for _, fields in lines]
 
 
 def predict(run, rows: Sequence[tuple[str, ...]], *, batch_size: int = 32, progress: bool = True) -> list[dict]:

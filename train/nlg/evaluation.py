@@ -10,6 +10,7 @@ at the first stop token (eos, or "\\n\\n" when it is one token) and decoded with
 """
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from unittest import mock
 
 import jax
 import numpy as np
+import tqdm
 from absl import logging
 
 import mtlora_jax as mt
@@ -40,6 +42,12 @@ def decode_params(module, params):
     return module.clone(scan_layers=False), models.unstack_params(plain, models.family(module))
 
 
+def _bucket_of(prompts: Sequence[list[int]], buckets: Sequence[int]) -> np.ndarray:
+    """[n] the bucket of each prompt: the smallest that holds it, else the last (longer prompts keep their end)."""
+    lengths = np.asarray([len(p) for p in prompts])
+    return np.minimum(np.searchsorted(np.asarray(buckets), lengths), len(buckets) - 1)
+
+
 def prompt_batches(
     prompts: Sequence[list[int]], buckets: Sequence[int], batch_size: int, pad_id: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -52,8 +60,7 @@ def prompt_batches(
     Yields:
       (index [batch_size] input index or -1 for a padding row, ids [batch_size, P], mask [batch_size, P]).
     """
-    lengths = np.asarray([len(p) for p in prompts])
-    bucket_of = np.minimum(np.searchsorted(np.asarray(buckets), lengths), len(buckets) - 1)
+    bucket_of = _bucket_of(prompts, buckets)
     for b, width in enumerate(buckets):
         members = np.flatnonzero(bucket_of == b)
         for start in range(0, len(members), batch_size):
@@ -117,7 +124,11 @@ def make_generate(module, tokenizer, config, mesh) -> Callable[[Any, Sequence[st
             logging.warning("%d prompts longer than config.prompt_buckets[-1]=%d keep their last tokens", too_long,
                             buckets[-1])  # fmt: skip
         texts = [""] * len(prompts)
-        for n, (index, ids, mask) in enumerate(prompt_batches(prompts, buckets, config.eval_batch_size, fmt.pad_id)):
+        batches = prompt_batches(prompts, buckets, config.eval_batch_size, fmt.pad_id)
+        counts = np.bincount(_bucket_of(prompts, buckets), minlength=len(buckets))
+        n_batches = sum(math.ceil(c / config.eval_batch_size) for c in counts)
+        show = mesh_lib.is_main_process() and n_batches > 2  # a progress bar on long inputs
+        for n, (index, ids, mask) in enumerate(tqdm.tqdm(batches, total=n_batches, unit="batch", disable=not show)):
             t = time.perf_counter()
             batch = mesh_lib.shard_batch({"ids": ids, "mask": mask}, mesh)
             tokens = np.asarray(decoder(plain, batch["ids"], batch["mask"]))

@@ -6,9 +6,7 @@ United_States`. Inputs come from `--text`, JSONL objects with a "context" (or "i
 no-repeat n-gram size, max new tokens), which `beam_size` / `max_new_tokens` may override.
 """
 
-import csv
-import json
-
+from train import input_rows
 from train import mesh as mesh_lib
 from train.nlg import evaluation as nlg_eval
 
@@ -17,32 +15,19 @@ KEYS = ("context", "input")
 
 def read_rows(path: str, task: str) -> list[tuple[str]]:
     """The context of every row of a JSONL or TSV (header with a `context` column) file; errors name file:line."""
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.endswith((".jsonl", ".json")):
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{i}: not a JSON object ({e})") from None
-                key = next((k for k in KEYS if isinstance(obj, dict) and isinstance(obj.get(k), str)), None)
-                if key is None:
-                    found = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"{path}:{i}: no 'context' text for {task} (found {found})")
-                rows.append((obj[key],))
-            return rows
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, [])
-        col = next((header.index(k) for k in KEYS if k in header), None)
-        if col is None:
-            raise ValueError(f"{path}:1: no 'context' column for {task} (found {', '.join(header) or 'nothing'})")
-        for i, fields in enumerate(reader, 2):
-            if len(fields) <= col:
-                raise ValueError(f"{path}:{i}: {len(fields)} fields, the header has {len(header)}")
-            rows.append((fields[col],))
-    return rows
+    if input_rows.is_jsonl(path):
+        rows = []
+        for i, obj in input_rows.jsonl_rows(path):
+            key = next((k for k in KEYS if isinstance(obj.get(k), str)), None)
+            if key is None:
+                raise ValueError(f"{path}:{i}: no 'context' text for {task} (found {', '.join(obj) or 'nothing'})")
+            rows.append((obj[key],))
+        return rows
+    header, lines = input_rows.tsv_rows(path)
+    col = next((header.index(k) for k in KEYS if k in header), None)
+    if col is None:
+        raise ValueError(f"{path}:1: no 'context' column for {task} (found {', '.join(header) or 'nothing'})")
+    return [(fields[col],) for _, fields in lines]
 
 
 def predict(run, rows, *, beam_size: int = 0, max_new_tokens: int = 0, batch_size: int = 0, progress: bool = True):
