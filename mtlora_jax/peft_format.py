@@ -85,14 +85,39 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def load_peft(folder, params, module_name: Callable[[str], str], *, prefix: str = "base_model.model."):
+def _names(params, module_name) -> dict[str, str]:
+    """PEFT module name -> our weight path, for every kernel / embedding `module_name` can name."""
+    out = {}
+    for path, leaf in paths.named_leaves(params):
+        if is_adapted(leaf) or not path.endswith(("/kernel", "/embedding")):
+            continue
+        try:
+            out[module_name(path)] = path
+        except ValueError:
+            continue  # a weight PEFT cannot name (not a module of the HF model)
+    return out
+
+
+def _model_namings() -> list[Callable[[str], str]]:
+    """The HF module naming of every mtlora_jax.models family, for the bare model and for its task class."""
+    from mtlora_jax.models import hf_names
+
+    return [
+        lambda p, f=f, x=x: hf_names.hf_module_name(p, f, x)
+        for f in hf_names.FAMILIES
+        for x in ("", hf_names.TASK_PREFIX[f])
+    ]
+
+
+def load_peft(folder, params, module_name: Callable[[str], str] | None = None, *, prefix: str = "base_model.model."):
     """Reads a PEFT LoRA adapter folder into `params` as structure-"lora" adapters.
 
     Args:
       folder: a folder with adapter_config.json and adapter_model.safetensors (PeftModel.save_pretrained).
-      params: the plain param tree of the base model the adapter was trained on.
+      params: the plain, unrolled param tree of the base model the adapter was trained on.
       module_name: our weight path -> PEFT module name (as for `peft_lora_state`), e.g.
-        `lambda p: models.hf_module_name(p, "bert", "bert.")`.
+        `lambda p: models.hf_module_name(p, "bert", "bert.")`; None: the mtlora_jax.models naming of whichever
+        family (and HF backbone prefix: bare model or task class) names every module of the folder.
       prefix: the state-dict key prefix PEFT writes ("base_model.model.").
 
     Returns:
@@ -116,15 +141,12 @@ def load_peft(folder, params, module_name: Callable[[str], str], *, prefix: str 
         m = re.fullmatch(rf"{re.escape(prefix)}(.+)\.lora_(?:embedding_)?([AB])(?:\.weight)?", key)
         if m:
             factors.setdefault(m.group(1), {})[m.group(2)] = value
-    by_name = {}
-    for path, leaf in paths.named_leaves(params):
-        if is_adapted(leaf) or not path.endswith(("/kernel", "/embedding")):
-            continue
-        try:
-            by_name[module_name(path)] = path
-        except ValueError:
-            continue  # a weight PEFT cannot name (not a module of the HF model)
-    unknown = sorted(set(factors) - set(by_name))
+    namings = [module_name] if module_name is not None else _model_namings()
+    for naming in namings:
+        by_name = _names(params, naming)
+        unknown = sorted(set(factors) - set(by_name))
+        if not unknown:
+            break
     if unknown:
         raise ValueError(f"{folder}: modules {unknown[:3]} match no weight of these params (another base model?)")
     r, alpha, rs = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora"))

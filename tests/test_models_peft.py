@@ -87,7 +87,7 @@ def test_load_peft_reads_an_adapter_written_by_peft(minilm_dir, tmp_path):
     ref = _peft_outputs(lora, batch)
 
     module, params = models.from_pretrained(minilm_dir)
-    adapted = mt.load_peft(tmp_path, params, lambda path: models.hf_module_name(path, "bert"))
+    adapted = mt.load_peft(tmp_path, params)  # the naming found from the folder's modules (bert, bare model)
     leaves = {p: leaf for p, leaf in named_leaves(adapted) if mt.is_adapted(leaf)}
     assert len(leaves) == 6 * 4  # query, value, attention.output.dense, output.dense per layer
     v = leaves["encoder/layer_0/attention/value/kernel"]

@@ -400,6 +400,16 @@ def test_export_of_a_gpt2_run_loads_in_transformers_and_peft(gpt2_cli_run, tiny_
         lora = peft.PeftModel.from_pretrained(base, out).eval()(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(lora, ours, atol=1e-4)
 
+    from mtlora_jax.paths import named_leaves
+    from train import model as model_lib
+
+    base = model_lib.load(saved_run.read_config(str(gpt2_cli_run)), head="lm").params
+    back = mt.load_peft(out, models.unstack_params(base, "gpt2"))  # fan_in_fan_out; fused c_attn as one LoRA
+    got, want = named_leaves(mt.merge(back)), named_leaves(models.unstack_params(run.merged, "gpt2"))
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=path)
+
 
 @pytest.mark.slow
 def test_kill_while_a_checkpoint_is_written_resumes_like_the_uninterrupted_run(gpt2_cli_run, tiny_gpt2, tmp_path,

@@ -15,16 +15,17 @@ from absl import logging
 
 import mtlora_jax as mt
 from mtlora_jax import models
+from mtlora_jax.models import hf_names
 from mtlora_jax.paths import named_leaves, path_str
 from train import checkpoints, hub, placement
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# family -> (the HF class of a job's model, its backbone prefix, PEFT task type): export's and init_from's names
+# family -> (the HF class of a job's model, its backbone prefix, PEFT task type): export's names
 HF_CLASSES = {
-    "bert": ("BertForSequenceClassification", "bert.", "SEQ_CLS"),
-    "roberta": ("RobertaForSequenceClassification", "roberta.", "SEQ_CLS"),
-    "gpt2": ("GPT2LMHeadModel", "transformer.", "CAUSAL_LM"),
-    "llama": ("LlamaForCausalLM", "model.", "CAUSAL_LM"),
+    "bert": ("BertForSequenceClassification", hf_names.TASK_PREFIX["bert"], "SEQ_CLS"),
+    "roberta": ("RobertaForSequenceClassification", hf_names.TASK_PREFIX["roberta"], "SEQ_CLS"),
+    "gpt2": ("GPT2LMHeadModel", hf_names.TASK_PREFIX["gpt2"], "CAUSAL_LM"),
+    "llama": ("LlamaForCausalLM", hf_names.TASK_PREFIX["llama"], "CAUSAL_LM"),
 }
 MODEL_HINT = "pass --config.model=<local HF folder (config.json, model.safetensors, tokenizer files) or .gguf file>"
 
@@ -131,11 +132,11 @@ def _from_peft(config, model: Model, params):
     if config.mtlora.structure != "lora":
         raise ValueError(f"config.init_from={config.init_from!r} is a PEFT LoRA folder (T = I): it needs "
                          f"config.mtlora.structure='lora', not {config.mtlora.structure!r}")  # fmt: skip
-    prefix = HF_CLASSES[model.family][1]
-    try:  # saved from the task class (bert.encoder...), or from the bare backbone (encoder...)
-        peft = mt.load_peft(folder, model.params, lambda p: models.hf_module_name(p, model.family, prefix))
-    except ValueError:
-        peft = mt.load_peft(folder, model.params, lambda p: models.hf_module_name(p, model.family))
+    root, _, scanned = hf_names.LAYERS[model.family]
+    stacked = scanned in model.params.get(root, {})
+    base = models.unstack_params(model.params, model.family) if stacked else model.params
+    peft = mt.load_peft(folder, base)  # PEFT names modules per layer: read unrolled, stack like ours
+    peft = models.stack_params(peft, model.family) if stacked else peft
     mine = dict(named_leaves(params))
     out = {}
     for path, ad in named_leaves(peft):

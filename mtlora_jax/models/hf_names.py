@@ -25,6 +25,8 @@ LAYERS = {
     "gpt2": ("transformer", "h", "h"),
     "llama": ("model", "layers", "layers"),
 }
+# the backbone prefix of each family's HF task class (*ForSequenceClassification, GPT2LMHeadModel, *ForCausalLM)
+TASK_PREFIX = {"bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": "model."}
 # our top-level subtree that is the HF backbone (stripped), and our top-level heads (kept, top scope)
 _BACKBONE_ROOT = {"bert": None, "roberta": None, "gpt2": "transformer", "llama": "model"}
 _TOP_HEADS = {"bert": ("classifier",), "roberta": ("classifier",), "gpt2": ("lm_head",), "llama": ("lm_head",)}
