@@ -20,21 +20,19 @@ import functools
 import math
 
 import jax
-import jax.extend.core as jcore
 import numpy as np
 from jax import lax
 
+from mtlora_jax import jax_api
 from mtlora_jax.adapted import is_adapted
 from mtlora_jax.factored import RULES as FACTORED_RULES
 from mtlora_jax.factored import Lazy, bind, materialize, unstack
-
-P = jcore.primitives
 
 
 def _eval(jaxpr, consts, args):
     """Evaluates `jaxpr` with `Lazy` values allowed in the environment."""
     env = {}
-    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+    read = lambda v: v.val if isinstance(v, jax_api.Literal) else env[v]
     for var, val in zip(jaxpr.constvars, consts, strict=True):
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
@@ -101,12 +99,12 @@ def _scan(eqn, invals, i):
 
 _RULES = {
     **FACTORED_RULES,
-    P.jit_p: _inline("jaxpr"),
-    P.closed_call_p: _inline("call_jaxpr"),
-    P.custom_jvp_call_p: _custom,
-    P.custom_vjp_call_p: _custom,
-    P.remat_p: _remat,
-    P.scan_p: _scan,
+    jax_api.primitive("jit"): _inline("jaxpr"),
+    jax_api.primitive("closed_call"): _inline("call_jaxpr"),
+    jax_api.primitive("custom_jvp_call"): _custom,
+    jax_api.primitive("custom_vjp_call"): _custom,
+    jax_api.primitive("remat"): _remat,
+    jax_api.primitive("scan"): _scan,
 }
 
 

@@ -17,14 +17,12 @@ import math
 import warnings
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mtlora_jax import jax_api
 from mtlora_jax.adapted import Adapted
-
-P = jcore.primitives
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["ad", "key"], meta_fields=["in_axes", "out_axes"])
@@ -203,7 +201,7 @@ def _gather(eqn, invals, i):
     base = bind(eqn, [lz.ad.w, idx])[0]
     a_view = _to_view_layout(lz, lz.ad.a.T)  # [V, R] or [R, V]
     r_sizes = tuple(lz.ad.total_rank if d == ax_out else s for d, s in enumerate(sizes))
-    u = P.gather_p.bind(a_view, idx, **{**p, "slice_sizes": r_sizes})  # rows of Aᵀ: [..., R, ...]
+    u = jax_api.primitive("gather").bind(a_view, idx, **{**p, "slice_sizes": r_sizes})  # rows of Aᵀ: [..., R, ...]
     return [base + _mix_out_along(lz, u, dn.offset_dims[0]).astype(base.dtype)]
 
 
@@ -255,14 +253,14 @@ def unstack(lz: Lazy) -> Lazy:
 
 
 RULES = {
-    P.convert_element_type_p: _convert,
-    P.transpose_p: _transpose,
-    P.reshape_p: _reshape,
-    P.copy_p: _copy,
-    P.slice_p: _slice,
-    P.dynamic_slice_p: _dynamic_slice,
-    P.squeeze_p: _squeeze,
-    P.dot_general_p: _dot_general,
-    P.conv_general_dilated_p: _conv,
-    P.gather_p: _gather,
+    jax_api.primitive("convert_element_type"): _convert,
+    jax_api.primitive("transpose"): _transpose,
+    jax_api.primitive("reshape"): _reshape,
+    jax_api.primitive("copy"): _copy,
+    jax_api.primitive("slice"): _slice,
+    jax_api.primitive("dynamic_slice"): _dynamic_slice,
+    jax_api.primitive("squeeze"): _squeeze,
+    jax_api.primitive("dot_general"): _dot_general,
+    jax_api.primitive("conv_general_dilated"): _conv,
+    jax_api.primitive("gather"): _gather,
 }
