@@ -17,6 +17,7 @@ from train import batching, input_rows, saved_run
 from train.glue import data as glue_data
 from train.glue import pipeline
 from train.glue import tasks as glue_tasks
+from train.glue import train as glue_train
 
 
 def text_columns(task: str) -> list[tuple[str, ...]]:
@@ -82,7 +83,7 @@ def predict(run, rows: Sequence[tuple[str, ...]], *, batch_size: int = 32, progr
 
 def show_examples(workdir: str, summary: dict, n: int = 6) -> str:
     """A few dev sentences with the finished run's predicted and true labels, and the commands to try next."""
-    run = saved_run.load(workdir, head=_head(workdir))
+    run = saved_run.load(workdir, head=glue_train.head(saved_run.read_config(workdir), None))
     config = run.config
     spec = glue_tasks.get_task(config.task)
     split = next(iter(spec.dev_splits))
@@ -108,8 +109,3 @@ def show_examples(workdir: str, summary: dict, n: int = 6) -> str:
         f"  python -m train.export --workdir {workdir} --format merged --out {workdir}-merged",
     ]
     return "\n".join(lines)
-
-
-def _head(workdir: str) -> dict:
-    spec = glue_tasks.get_task(saved_run.read_config(workdir).task)
-    return {"head": "regression" if spec.is_regression else "classification", "num_labels": spec.num_labels}
