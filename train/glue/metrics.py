@@ -1,7 +1,7 @@
 """GLUE dev metrics on the host: accuracy, F1, Matthews correlation, Pearson and Spearman (scikit-learn, scipy).
 
 Every metric takes numpy predictions and labels of shape [n] plus optional `weights` [n]; rows with weight 0
-(the padding rows of `train.input_pipeline.eval_batches`) are left out, the others count once. Scores are
+(the padding rows of `train.glue.pipeline.eval_batches`) are left out, the others count once. Scores are
 fractions (0.951, not 95.1). Per task (`train.glue.tasks`): CoLA mcc (+ accuracy), SST-2 / QNLI / RTE
 accuracy, MRPC / QQP accuracy and F1 (positive class 1 = equivalent / duplicate), STS-B Pearson and Spearman,
 MNLI accuracy on dev_matched and dev_mismatched, reported as accuracy_m and accuracy_mm.
