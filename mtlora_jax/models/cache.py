@@ -13,6 +13,12 @@ returns ``(logits, new_cache)``. ``attention_mask`` then covers the *new* tokens
 all real); the cache remembers the mask of earlier slots. A query at slot i sees slot j iff j <= i
 and ``mask[j]``. Position ids count real tokens only: ``position + cumsum(new_mask) - 1``.
 
+Sliding window w (Mistral, Qwen2): a query at index i also needs ``j > i - w``, with i, j the token
+indices of the row (slots with a cache, pads included), exactly as HF's ``sliding_window_overlay``.
+
+Packing (no cache only): ``segment_ids`` [b, t] lets a query see only keys of its own segment, so
+several sequences share a row; pass ``position_ids`` that restart at 0 in every segment.
+
 Left-padded prompts: pass the padded prompt batch [b, t] with its 0/1 mask as the first call. Pad
 slots stay masked for the rest of decoding, and each row's first real token gets position 0, so a
 row decodes exactly as it would alone (HF's ``generate`` uses the same positions). Then feed one
@@ -63,8 +69,20 @@ def _positions(valid: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
     return offset + jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
 
 
+def _visible(query: jax.Array, key: jax.Array, window: int | None) -> jax.Array:
+    """Causal (and sliding-window) visibility of key index ``key`` from query index ``query`` (broadcast)."""
+    seen = key <= query
+    return seen if window is None else seen & (key > query - window)
+
+
 def prepare(
-    input_ids: jax.Array, attention_mask: jax.Array | None, position_ids: jax.Array | None, cache: dict | None
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    position_ids: jax.Array | None,
+    cache: dict | None,
+    *,
+    sliding_window: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict | None]:
     """The attention mask, position ids and cache metadata of one decoder call.
 
@@ -73,6 +91,9 @@ def prepare(
       attention_mask: [b, t] 1 for real tokens, 0 for padding; None means all real.
       position_ids: [b, t] explicit positions, or None to count real tokens (see module docstring).
       cache: None for a plain causal forward, else the cache dict before this call.
+      sliding_window: None (full causal attention) or w: query index i sees key j iff i - w < j <= i.
+      segment_ids: [b, t] int, packed sequences (no cache): a query sees keys of its own segment only;
+        needs explicit ``position_ids`` (restarting at 0 per segment).
 
     Returns:
       mask: bool [b, t, s] (s = t without a cache, max_length with one), causal and padding-aware.
@@ -84,10 +105,20 @@ def prepare(
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if valid.shape != (b, t):
         raise ValueError(f"attention_mask shape {valid.shape} != input_ids shape {(b, t)}")
+    if segment_ids is not None:
+        if cache is not None:
+            raise ValueError("segment_ids (packed sequences) are only supported without a cache")
+        if position_ids is None:
+            raise ValueError("segment_ids need explicit position_ids that restart at 0 in every segment")
+        if segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids shape {segment_ids.shape} != input_ids shape {(b, t)}")
     if cache is None:
         positions = _positions(valid) if position_ids is None else position_ids
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        return valid[:, None, :] & causal[None], positions, None
+        index = jnp.arange(t)
+        mask = valid[:, None, :] & _visible(index[:, None], index[None, :], sliding_window)[None]  # [b, t, t]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        return mask, positions, None
     start = cache["index"]
     slots = cache["mask"].shape[1]
     if t > slots:
@@ -95,7 +126,8 @@ def prepare(
     positions = _positions(valid, cache["position"][:, None]) if position_ids is None else position_ids
     key_mask = _write(cache["mask"], valid, start)  # [b, S]
     query_slot = start[:, None] + jnp.arange(t)  # [b, t]
-    mask = key_mask[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[:, :, None])  # [b, t, S]
+    visible = _visible(query_slot[:, :, None], jnp.arange(slots)[None, None, :], sliding_window)  # [b, t, S]
+    mask = key_mask[:, None, :] & visible
     meta = {
         "mask": key_mask,
         "index": start + t,

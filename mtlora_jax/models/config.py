@@ -3,6 +3,15 @@
 Frozen dataclasses (hashable, so they can be Flax module attributes) with one naming scheme across
 families (``hidden_size``, ``num_layers``, ``num_heads``, ...); ``from_hf`` maps the HF names and raises
 on options the Flax models do not implement, naming the config key.
+
+Llama family (``LlamaConfig``): HF ``model_type`` "llama", "qwen2" (Qwen2 / Qwen2.5) and "mistral" share one
+architecture and differ only in where the biases are and in the attention window:
+
+  * llama: ``attention_bias`` puts a bias on q, k, v AND o (``qkv_bias = o_bias = attention_bias``);
+  * qwen2: always a bias on q, k, v and never on o (``qkv_bias=True, o_bias=False``), no MLP bias; a sliding
+    window only when ``use_sliding_window`` and every layer slides (``max_window_layers`` = 0), else full attention;
+    a mix of sliding and full layers raises;
+  * mistral: no biases; ``sliding_window`` (int or None) on every layer.
 """
 
 import dataclasses
@@ -15,6 +24,8 @@ FAMILY_OF = {
     "camembert": "roberta",
     "gpt2": "gpt2",
     "llama": "llama",
+    "qwen2": "llama",
+    "mistral": "llama",
 }
 _ENCODERS = ("bert", "roberta")
 
@@ -131,16 +142,31 @@ class LlamaConfig:
     rope_scaling: tuple[tuple[str, float | str], ...] = ()  # rope_parameters minus rope_theta, sorted
     max_positions: int = 2048  # max_position_embeddings
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False  # a bias on q_proj, k_proj, v_proj (llama: attention_bias; qwen2: always)
+    o_bias: bool = False  # a bias on o_proj (llama: attention_bias; qwen2, mistral: never)
     mlp_bias: bool = False
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
+    # None = full causal attention; w = a query at index i sees keys j with i - w < j <= i (mistral, qwen2)
+    sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be a positive int or None")
+
+    @property
+    def attention_bias(self) -> bool:
+        """HF LlamaConfig's ``attention_bias`` (one flag for q, k, v and o); raises for Qwen2's split."""
+        if self.qkv_bias != self.o_bias:
+            raise ValueError(f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias} has no Llama attention_bias")
+        return self.qkv_bias
 
     @classmethod
     def from_hf(cls, hf) -> "LlamaConfig":
-        """Reads a ``transformers`` LlamaConfig (``rope_parameters``, or legacy ``rope_theta``/``rope_scaling``)."""
-        if hf.model_type != "llama":
-            raise ValueError(f"config model_type {hf.model_type!r} is not 'llama'")
+        """Reads a ``transformers`` Llama / Qwen2 / Mistral config (``rope_parameters``, or legacy
+        ``rope_theta``/``rope_scaling``); see the module docstring for the per-type biases and window."""
+        if FAMILY_OF.get(hf.model_type) != "llama":
+            raise ValueError(f"config model_type {hf.model_type!r} is not 'llama', 'qwen2' or 'mistral'")
         params = dict(getattr(hf, "rope_parameters", None) or {})
         if not params:
             params = {"rope_theta": getattr(hf, "rope_theta", 10000.0), **(getattr(hf, "rope_scaling", None) or {})}
@@ -162,11 +188,30 @@ class LlamaConfig:
             rope_scaling=scaling,
             max_positions=hf.max_position_embeddings,
             tie_word_embeddings=bool(hf.tie_word_embeddings),
-            attention_bias=bool(getattr(hf, "attention_bias", False)),
-            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             attention_dropout=float(getattr(hf, "attention_dropout", 0.0)),
             initializer_range=hf.initializer_range,
+            **_biases_and_window(hf),
         )
+
+
+def _biases_and_window(hf) -> dict:
+    """qkv_bias, o_bias, mlp_bias and sliding_window of a llama / qwen2 / mistral HF config."""
+    if hf.model_type == "llama":
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(hf, "mlp_bias", False)), sliding_window=None)
+    if hf.model_type == "mistral":
+        return dict(qkv_bias=False, o_bias=False, mlp_bias=False, sliding_window=getattr(hf, "sliding_window", None))
+    # qwen2: HF sets sliding_window = None unless use_sliding_window; layer_types says which layers slide
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", False) else None
+    kinds = set(getattr(hf, "layer_types", None) or ["full_attention"])
+    if window is None or kinds == {"full_attention"}:
+        window = None
+    elif kinds != {"sliding_attention"}:
+        raise ValueError(
+            f"config use_sliding_window=True with max_window_layers={getattr(hf, 'max_window_layers', None)} "
+            f"(layer_types {sorted(kinds)}) mixes sliding and full attention layers; only all-or-none is supported"
+        )
+    return dict(qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=window)
 
 
 def from_hf(hf) -> tuple[str, EncoderConfig | GPT2Config | LlamaConfig]:

@@ -11,7 +11,8 @@ Param paths (``h_{i}`` becomes ``h`` with a leading layer axis under ``scan_laye
     transformer/h_{i}/{ln_1,ln_2}/{scale,bias}
     transformer/h_{i}/attn/{c_attn,c_proj}/{kernel,bias}, transformer/h_{i}/mlp/{c_fc,c_proj}/{kernel,bias}
 
-Decoding: see :mod:`mtlora_jax.models.cache` for the cache layout, masks and left padding.
+Decoding: see :mod:`mtlora_jax.models.cache` for the cache layout, masks and left padding. Packing:
+``segment_ids`` with per-segment ``position_ids`` (which index ``wpe``), no cache.
 """
 
 import math
@@ -127,13 +128,19 @@ class GPT2(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, deterministic=True):
+    def __call__(
+        self, input_ids, attention_mask=None, position_ids=None, *, segment_ids=None, cache=None, deterministic=True
+    ):
         """Runs the decoder, optionally extending a KV cache.
 
         Args:
           input_ids: [b, t] token ids.
           attention_mask: [b, t] 1 = real token, 0 = padding (of these t tokens); None = all real.
-          position_ids: [b, t]; None = count real tokens (correct for left and right padding).
+          position_ids: [b, t] (the rows of ``wpe`` to add); None = count real tokens (correct for left
+            and right padding).
+          segment_ids: [b, t] int or None: packed sequences, a token attends only to earlier tokens of
+            the same segment (pads may use 0 together with ``attention_mask``); needs ``position_ids``
+            restarting at 0 in every segment; no cache.
           cache: None, or a cache from :func:`init_cache` / a previous call (see :mod:`cache`).
           deterministic: False enables dropout (``rngs={"dropout": key}``).
 
@@ -143,7 +150,7 @@ class GPT2(nn.Module):
         """
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r} for GPT-2; valid: {HEADS}")
-        mask, positions, meta = kv.prepare(input_ids, attention_mask, position_ids, cache)
+        mask, positions, meta = kv.prepare(input_ids, attention_mask, position_ids, cache, segment_ids=segment_ids)
         layer_cache = None if cache is None else (cache["k"], cache["v"])
         start = None if meta is None else meta["start"]
         out, new_layers = Transformer(

@@ -1,15 +1,20 @@
-"""Llama-family decoders (Touvron et al. 2023, arXiv 2302.13971): SmolLM2, Llama 2/3 and alikes.
+"""Llama-family decoders (Touvron et al. 2023, arXiv 2302.13971): SmolLM2, Llama 2/3, Qwen2/2.5, Mistral.
 
 Block: ``h = x + o_proj(Attn(rope(q), rope(k), v)); y = h + down_proj(silu(gate_proj(z)) * up_proj(z))``
 with ``z = RMSNorm(h)`` and attention on ``RMSNorm(x)``. Grouped-query attention shares each k/v
 head among ``num_heads / num_kv_heads`` query heads. The LM head is ``embed_tokens.attend`` when
-``tie_word_embeddings`` (SmolLM2), else a separate ``lm_head`` kernel.
+``tie_word_embeddings`` (SmolLM2, Qwen2.5-0.5B), else a separate ``lm_head`` kernel.
+
+Variants (read from the HF config by :class:`LlamaConfig`): ``qkv_bias`` adds biases to q/k/v_proj and
+``o_bias`` to o_proj (Llama's ``attention_bias`` sets both; Qwen2 has q/k/v biases only);
+``sliding_window`` w limits each query i to keys i - w < j <= i (Mistral). ``segment_ids`` packs several
+sequences in one row (see :mod:`mtlora_jax.models.cache`).
 
 Param paths (``layers_{i}`` becomes ``layers`` with a leading layer axis under ``scan_layers``)::
 
     model/embed_tokens/embedding, model/norm/scale, lm_head/kernel (untied only)
     model/layers_{i}/{input_layernorm,post_attention_layernorm}/scale
-    model/layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}/kernel
+    model/layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}/kernel (+ /bias per qkv_bias / o_bias)
     model/layers_{i}/mlp/{gate_proj,up_proj,down_proj}/kernel
 
 Decoding: see :mod:`mtlora_jax.models.cache` for the cache layout, masks and left padding.
@@ -52,14 +57,14 @@ class Attention(_Module):
     @nn.compact
     def __call__(self, x, layer_cache, mask, cos, sin, start):
         """x: [b, t, d]; cos, sin: [b, t, 1, hd] -> ([b, t, d], new layer cache or None)."""
-        c, bias = self.config, self.config.attention_bias
+        c, bias = self.config, self.config.qkv_bias
         q = layers.split_heads(self.dense(c.num_heads * c.head_dim, "q_proj", bias)(x), c.num_heads)
         k = layers.split_heads(self.dense(c.num_kv_heads * c.head_dim, "k_proj", bias)(x), c.num_kv_heads)
         v = layers.split_heads(self.dense(c.num_kv_heads * c.head_dim, "v_proj", bias)(x), c.num_kv_heads)
         q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
         drop = lambda p: nn.Dropout(c.attention_dropout)(p, deterministic=self.deterministic)
         out, new_cache = kv.self_attention(q, k, v, mask, layer_cache, start, drop)
-        return self.dense(c.hidden_size, "o_proj", bias)(out), new_cache
+        return self.dense(c.hidden_size, "o_proj", c.o_bias)(out), new_cache
 
 
 class MLP(_Module):
@@ -140,13 +145,18 @@ class Llama(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, deterministic=True):
+    def __call__(
+        self, input_ids, attention_mask=None, position_ids=None, *, segment_ids=None, cache=None, deterministic=True
+    ):
         """Runs the decoder, optionally extending a KV cache.
 
         Args:
           input_ids: [b, t] token ids.
           attention_mask: [b, t] 1 = real token, 0 = padding (of these t tokens); None = all real.
           position_ids: [b, t]; None = count real tokens (correct for left and right padding).
+          segment_ids: [b, t] int or None: packed sequences, a token attends only to earlier tokens of
+            the same segment (pads may use 0 together with ``attention_mask``); needs ``position_ids``
+            restarting at 0 in every segment; no cache.
           cache: None, or a cache from :func:`init_cache` / a previous call (see :mod:`cache`).
           deterministic: False enables attention dropout (``rngs={"dropout": key}``).
 
@@ -157,7 +167,9 @@ class Llama(nn.Module):
         c = self.config
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r} for Llama; valid: {HEADS}")
-        mask, positions, meta = kv.prepare(input_ids, attention_mask, position_ids, cache)
+        mask, positions, meta = kv.prepare(
+            input_ids, attention_mask, position_ids, cache, sliding_window=c.sliding_window, segment_ids=segment_ids
+        )
         layer_cache = None if cache is None else (cache["k"], cache["v"])
         start = None if meta is None else meta["start"]
         lm = self.head == "lm"
