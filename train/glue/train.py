@@ -100,7 +100,7 @@ def prepare(config, model, data: dict, mesh, workdir: str) -> runner.Task:
         predict = lambda p, f, b: _forward(model.module, p, f, b)
         step = loop.make_eval_step(predict, mesh=placed.mesh, params_shardings=placed.params,
                                    frozen_shardings=placed.frozen)  # fmt: skip
-        return lambda params, frozen, before: (
+        return lambda params, frozen, before, at_step: (
             evaluate(step, params, frozen, encoded, task=spec.name, batch_size=micro, buckets=buckets, mesh=mesh),
             {},
         )

@@ -1,4 +1,4 @@
-"""Table-to-text data (E2E, WebNLG 2017, DART) in the LoRA repository's formats, and the masked LM loss.
+"""Table-to-text data (E2E, WebNLG 2017, DART) in the LoRA repository's formats, and its LM batches (train/lm.py).
 
 Linearization follows LoRA's examples/NLG/src/format_converting_*.py: E2E keeps the meaning representation
 string (`name : The Vaults | Type : pub | ...`); WebNLG and DART join `subject : property : object` triples with
@@ -21,8 +21,6 @@ import pathlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 # Files of each task under --config.data_dir, named as in the LoRA repository (examples/NLG/data/).
@@ -266,20 +264,3 @@ def make_prompt_batch(prompts: Sequence[list[int]], prompt_len: int, pad_id: int
         p = p[-prompt_len:]
         ids[r, prompt_len - len(p) :], mask[r, prompt_len - len(p) :] = p, 1
     return ids, mask
-
-
-def lm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Token cross-entropy with label smoothing, averaged over weighted (target) tokens.
-
-    Args:
-      logits: [b, t, V]. labels: [b, t] int. weights: [b, t], 1 on target tokens.
-      label_smoothing: eps; the target distribution is (1 - eps) * onehot + eps / V.
-
-    Returns:
-      scalar float32 loss: sum(w * ((1 - eps) * nll + eps * mean_v(-log p))) / sum(w).
-    """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [b, t, V]
-    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [b, t]
-    per_token = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
-    weights = weights.astype(jnp.float32)
-    return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)

@@ -12,12 +12,11 @@ summary fields: "eval_split", "eval_inputs", "train_examples" and, per evaluatio
 
 from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 
 import mtlora_jax as mt
 from configs import nlg_common
-from train import batching, runner
+from train import batching, lm, runner
 from train import workdir as workdir_lib
 from train.nlg import data as nlg_data
 from train.nlg import evaluation as nlg_eval
@@ -97,19 +96,6 @@ def train_batches(seqs, lengths: np.ndarray, pad_id: int, *, batch_size: int, bu
     return (lm_batch(seqs, rows, seq_len, pad_id) for seq_len, rows in plans)
 
 
-def make_loss_fn(module, label_smoothing: float):
-    """loss_fn(params, frozen, batch, rng) -> (sum of token losses, {"weight": target tokens}) for loop.py."""
-
-    def loss_fn(params, frozen, batch, rng):
-        run = mt.apply(module.apply, rng=rng)  # adapter dropout
-        logits = run({"params": mt.combine(params, frozen)}, batch["input_ids"], batch["attention_mask"])
-        weight = batch["weights"].sum()
-        mean = nlg_data.lm_loss(logits, batch["labels"], batch["weights"], label_smoothing)
-        return mean * jnp.maximum(weight, 1.0), {"weight": weight}
-
-    return loss_fn
-
-
 def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
     """Tokenizes the training sequences and binds the loss and the decode-and-score evaluation to `model`."""
     seqs, lengths = encode_examples(data.train, model.tokenizer, config.max_length)
@@ -118,7 +104,7 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
     generate = nlg_eval.make_generate(model.module, model.tokenizer, config, mesh)
     split_name = nlg_data.SPLITS[config.eval_split]
 
-    def evaluate(params, frozen, before: bool):
+    def evaluate(params, frozen, before: bool, step: int):
         full = mt.combine(params, frozen)
         name = f"{split_name}_before" if before else split_name
         numbers, unavailable = nlg_eval.evaluate(
@@ -132,7 +118,7 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
         train_batches=lambda start: train_batches(
             seqs, lengths, pad_id, batch_size=config.batch_size, buckets=buckets, seed=config.seed, start_step=start
         ),
-        loss_fn=make_loss_fn(model.module, config.label_smoothing),
+        loss_fn=lm.make_loss_fn(model.module, config.label_smoothing),
         make_evaluate=lambda placed: evaluate,
         main_metric="bleu",
         summary={"eval_split": split_name, "eval_inputs": n_eval, "train_examples": len(seqs)},
