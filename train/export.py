@@ -116,7 +116,9 @@ def hf_config(saved: saved_run.SavedRun) -> dict:
         import transformers
 
         out = transformers.AutoConfig.from_pretrained(source).to_dict()
-    out["architectures"] = [arch]
+    own = model.head == "lm" and out.get("model_type") not in (None, "llama", "gpt2") and out.get("architectures")
+    if not own:  # a Qwen2 / Mistral decoder keeps its own class (Qwen2ForCausalLM, MistralForCausalLM)
+        out["architectures"] = [arch]
     if model.head in ("classification", "regression"):
         from train.glue import tasks
 

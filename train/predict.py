@@ -41,6 +41,9 @@ def _job(config):
     elif config.task in nlg_common.NLG_TASKS:
         from train.nlg import predict
         from train.nlg import train as job
+    elif config.task == "sft":
+        raise ValueError(f"--workdir={_WORKDIR.value} is an instruction-tuning run: answer prompts with "
+                         f"python -m train.generate --workdir {_WORKDIR.value} --prompt \"...\"")  # fmt: skip
     else:
         raise ValueError(f"{_WORKDIR.value}/config.json: task {config.task!r} is not a GLUE or table-to-text task")
     return predict, job.head(config, None)

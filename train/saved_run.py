@@ -40,10 +40,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """`<workdir>/config.json` as a ConfigDict; raises FileNotFoundError naming the workdir when it has none."""
     path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--workdir={workdir}: no config.json (not a train.glue or train.nlg workdir)")
+        raise FileNotFoundError(f"--workdir={workdir}: no config.json (not a workdir of train.glue, .nlg or .sft)")
     with open(path) as f:
         raw = json.load(f)
-    tuples = ("length_buckets", "prompt_buckets", "extra_targets", "extra_trainable")
+    tuples = ("length_buckets", "prompt_buckets", "extra_targets", "extra_trainable")  # JSON lists -> tuples
     fix = lambda d: {k: tuple(v) if k in tuples and isinstance(v, list) else fix(v) if isinstance(v, dict) else v
                      for k, v in d.items()}  # fmt: skip
     return ml_collections.ConfigDict(fix(raw))
