@@ -1,0 +1,159 @@
+"""Instruction tuning throughput: training tokens/s with length buckets vs packing, and generation tokens/s with
+the KV cache against transformers' `generate` on the same model and prompts.
+
+Training: the exact `python -m train.sft` step (the config's model, adapters, AdamW, the job's batches and loss)
+for `packing=False` and `packing=True`, each fed its first `--steps` real batches of the config's data; every
+batch shape is compiled first, then the two are timed alternately for `--rounds` rounds. Tokens/s counts real
+(non-padding) tokens. Generation: greedy answers of `--new_tokens` tokens (no early stop) to the first
+`--prompts` held-out prompts (chat template applied), by train/generation.py on the merged model and by
+`transformers.AutoModelForCausalLM.generate` (PyTorch, float32, its KV cache) loaded from the same checkpoint,
+alternated for `--rounds` rounds; also the fraction of tokens where the two greedy answers agree.
+
+    python -m bench.sft_throughput --config configs/sft.py:smollm --steps 3 --rounds 3
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from configs import sft as sft_config
+
+import mtlora_jax as mt
+from mtlora_jax.models import sources
+from train import generation, loop
+from train import mesh as mesh_lib
+from train import model as model_lib
+from train.sft import train as sft_train
+
+
+def train_runs(config, model, data, mesh, steps: int) -> dict:
+    """{"buckets"/"packing": dict(step, state, frozen, batches, tokens)} with every batch shape compiled."""
+    runs = {}
+    params = model_lib.add_adapters(config, model).params
+    trainable, frozen = mt.split(params, ())
+    frozen_shardings = mesh_lib.tree_shardings(mesh, frozen)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    for name, packing in (("buckets", False), ("packing", True)):
+        config.packing = packing
+        task = sft_train.prepare(config, model, data, mesh, "/tmp/bench_sft_unused")
+        it = task.train_batches(0)
+        batches = [next(it) for _ in range(steps)]
+        schedule = loop.make_schedule(config.learning_rate, 1000, 0)
+        tx = loop.make_optimizer(schedule, config.weight_decay, trainable, ())
+        state, shardings = loop.create_train_state(trainable, tx, loop.rng_key(0), mesh)
+        step = loop.make_train_step(task.loss_fn, tx, schedule, mesh=mesh, state_shardings=shardings,
+                                    frozen_shardings=frozen_shardings)  # fmt: skip
+        t = time.perf_counter()
+        for b in batches:  # compiles every shape
+            state, m = step(state, frozen, mesh_lib.shard_batch(b, mesh))
+        jax.block_until_ready(m)
+        runs[name] = {"step": step, "state": state, "frozen": frozen, "batches": batches, "times": [],
+                      "tokens": int(sum(b["attention_mask"].sum() for b in batches)), "warm_s": time.perf_counter() - t,
+                      "shape": sorted({b["input_ids"].shape for b in batches})}  # fmt: skip
+    return runs
+
+
+def time_train(runs: dict, mesh, rounds: int) -> None:
+    for _ in range(rounds):
+        for r in runs.values():
+            t = time.perf_counter()
+            for b in r["batches"]:
+                r["state"], m = r["step"](r["state"], r["frozen"], mesh_lib.shard_batch(b, mesh))
+            jax.block_until_ready(m)
+            r["times"].append(time.perf_counter() - t)
+
+
+def hf_model(config):
+    """The PyTorch model of config.model (a HF folder or a GGUF file), float32, eval mode."""
+    import torch
+    import transformers
+
+    kind, path = sources.resolve(config.model)
+    if kind == "gguf":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return hf.eval()
+
+
+def time_generation(config, model, prompts, new_tokens: int, rounds: int) -> dict:
+    import torch
+
+    gen = generation.Generator(model.module, model.params, stop_ids=(), max_new_tokens=new_tokens, pad_id=0)
+    hf = hf_model(config)
+
+    def ours(ids):
+        return gen.generate(ids)
+
+    def theirs(ids):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)  # fmt: skip
+        return out[0, len(ids) :].tolist()
+
+    results = {"ours": [], "transformers": []}
+    answers = {}
+    for fn, name in ((ours, "ours"), (theirs, "transformers")):  # warm-up: compiles, caches
+        answers[name] = [fn(ids) for ids in prompts]
+    for _ in range(rounds):
+        for fn, name in ((ours, "ours"), (theirs, "transformers")):
+            t = time.perf_counter()
+            for ids in prompts:
+                fn(ids)
+            results[name].append(len(prompts) * new_tokens / (time.perf_counter() - t))
+    agree = np.mean([a == b for x, y in zip(answers["ours"], answers["transformers"], strict=True)
+                     for a, b in zip(x, y, strict=False)])  # fmt: skip
+    return {**results, "agree": float(agree)}
+
+
+def spread(values) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sft.py:smollm", help="configs/sft.py[:smoke|:smollm]")
+    parser.add_argument("--steps", type=int, default=3, help="train batches per mode per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
+    parser.add_argument("--prompts", type=int, default=3, help="held-out prompts to answer")
+    parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per prompt")
+    parser.add_argument("--skip", choices=("", "train", "generate"), default="", help="leave one part out")
+    parser.add_argument("--model", default="", help="override config.model")
+    args = parser.parse_args()
+    logging.set_verbosity(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    config = sft_config.get_config(args.config.partition(":")[2] or None)
+    if args.model:
+        config.model = args.model
+    mesh = mesh_lib.make_mesh(config.mesh)
+    data = sft_train.load_data(config)
+    model = model_lib.load(config, head="lm", mesh=mesh)
+    print(f"{config.model}: {len(data.train)} train rows, batch {config.batch_size}, max_length {config.max_length}, "
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}; median (min-max) of {args.rounds} alternated rounds")  # fmt: skip
+    if args.skip != "train":
+        runs = train_runs(config, model, data, mesh, args.steps)
+        time_train(runs, mesh, args.rounds)
+        rates = {n: [r["tokens"] / t for t in r["times"]] for n, r in runs.items()}
+        for n, r in runs.items():
+            print(f"train {n:<8} shapes {r['shape']}: {r['tokens']} real tokens in {args.steps} steps; "
+                  f"tokens/s {spread(rates[n])}; s/step {statistics.median(r['times']) / args.steps:.2f}")  # fmt: skip
+        ratios = [p / b for p, b in zip(rates["packing"], rates["buckets"], strict=True)]
+        print(f"train packing / buckets tokens/s: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+    if args.skip != "generate":
+        plain = model._replace(params=mt.merge(model_lib.add_adapters(config, model).params))
+        prompts = [ids for _, ids, _ in sft_train.sample_prompts(model.tokenizer, data.eval, args.prompts)]
+        g = time_generation(config, plain, prompts, args.new_tokens, args.rounds)
+        ratios = [a / b for a, b in zip(g["ours"], g["transformers"], strict=True)]
+        print(f"generate ours tokens/s {spread(g['ours'])}; transformers {spread(g['transformers'])}; ours / theirs "
+              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}); greedy tokens agree "
+              f"{g['agree']:.1%} ({len(prompts)} prompts x {args.new_tokens} tokens)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
