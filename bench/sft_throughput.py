@@ -21,9 +21,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from configs import sft as sft_config
-
 import mtlora_jax as mt
+from configs import sft as sft_config
 from mtlora_jax.models import sources
 from train import generation, loop
 from train import mesh as mesh_lib
@@ -135,7 +134,8 @@ def main():
     data = sft_train.load_data(config)
     model = model_lib.load(config, head="lm", mesh=mesh)
     print(f"{config.model}: {len(data.train)} train rows, batch {config.batch_size}, max_length {config.max_length}, "
-          f"{jax.device_count()} x {jax.devices()[0].device_kind}; median (min-max) of {args.rounds} alternated rounds")  # fmt: skip
+          f"{jax.device_count()} x {jax.devices()[0].device_kind}; median (min-max) of {args.rounds} alternated "
+          "rounds")  # fmt: skip
     if args.skip != "train":
         runs = train_runs(config, model, data, mesh, args.steps)
         time_train(runs, mesh, args.rounds)
@@ -144,7 +144,8 @@ def main():
             print(f"train {n:<8} shapes {r['shape']}: {r['tokens']} real tokens in {args.steps} steps; "
                   f"tokens/s {spread(rates[n])}; s/step {statistics.median(r['times']) / args.steps:.2f}")  # fmt: skip
         ratios = [p / b for p, b in zip(rates["packing"], rates["buckets"], strict=True)]
-        print(f"train packing / buckets tokens/s: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"train packing / buckets tokens/s: {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f})")
     if args.skip != "generate":
         plain = model._replace(params=mt.merge(model_lib.add_adapters(config, model).params))
         prompts = [ids for _, ids, _ in sft_train.sample_prompts(model.tokenizer, data.eval, args.prompts)]
