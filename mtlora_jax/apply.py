@@ -12,6 +12,10 @@ so dW [d_in, d_out] is never formed and, under `jax.grad` w.r.t. the factors, ne
 Casts and transposes of W stay lazy; `scan` over stacked (nn.scan) weights, `checkpoint` (nn.remat),
 `jit` and custom-derivative calls are entered. Any other use materializes W + dW for that use, with
 one warning naming the primitive. Works under `jit`, `grad`, `vmap` and `remat`.
+
+A quantized base (`mt.quantize`: `Quantized` leaves, plain or under an `Adapted` node) is traced as its float
+shape and dequantized where an equation uses it; calls and `scan` pass it through whole, so under `nn.scan`
+each layer's matrices are dequantized inside the loop body, one layer at a time, never the whole model.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from mtlora_jax import jax_api
 from mtlora_jax.adapted import is_adapted
 from mtlora_jax.factored import RULES as FACTORED_RULES
 from mtlora_jax.factored import Lazy, bind, materialize, unstack
+from mtlora_jax.quantized import dequantize_value, is_quantized
 
 
 def _eval(jaxpr, consts, args):
@@ -40,7 +45,9 @@ def _eval(jaxpr, consts, args):
     for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         outs = None
-        if any(isinstance(v, Lazy) for v in invals):
+        if eqn.primitive not in _PASS_QUANTIZED:
+            invals = [dequantize_value(v) for v in invals]  # a quantized base weight, at its use
+        if any(isinstance(v, Lazy) or is_quantized(v) for v in invals):
             rule = _RULES.get(eqn.primitive)
             outs = rule(eqn, invals, i) if rule else None
             if outs is None:
@@ -108,8 +115,22 @@ _RULES = {
 }
 
 
+# Calls whose inner jaxpr `_eval` enters: a quantized weight goes in whole (scan slices it per layer).
+_PASS_QUANTIZED = frozenset(_RULES) - frozenset(FACTORED_RULES)
+
+
 def _is_dynamic(x) -> bool:
-    return is_adapted(x) or isinstance(x, jax.Array | np.ndarray | np.generic)
+    return is_adapted(x) or is_quantized(x) or isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+def _is_node(x) -> bool:
+    return is_adapted(x) or is_quantized(x)
+
+
+def _stand_in(x):
+    """What `fn` is traced with: the base weight of an adapted leaf, a quantized weight's float shape."""
+    w = x.w if is_adapted(x) else x
+    return jax.ShapeDtypeStruct(w.shape, jax.numpy.dtype(w.dtype)) if is_quantized(w) else w
 
 
 def apply(fn, *, rng: jax.Array | None = None):
@@ -127,9 +148,9 @@ def apply(fn, *, rng: jax.Array | None = None):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=is_adapted)
+        leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_node)
         dyn = [i for i, leaf in enumerate(leaves) if _is_dynamic(leaf)]
-        if not any(is_adapted(leaves[i]) for i in dyn):
+        if not any(_is_node(leaves[i]) for i in dyn):
             return fn(*args, **kwargs)
 
         out_info = {}
@@ -143,7 +164,7 @@ def apply(fn, *, rng: jax.Array | None = None):
             out_info["static"] = [None if _is_dynamic(o) else o for o in out_leaves]
             return [o for o in out_leaves if _is_dynamic(o)]
 
-        stand_ins = [leaves[i].w if is_adapted(leaves[i]) else leaves[i] for i in dyn]
+        stand_ins = [_stand_in(leaves[i]) for i in dyn]
         closed = jax.make_jaxpr(flat_fn)(*stand_ins)
         vals, n_adapted = [], 0
         for i in dyn:

@@ -23,6 +23,7 @@ from jax import lax
 
 from mtlora_jax import jax_api
 from mtlora_jax.adapted import Adapted
+from mtlora_jax.quantized import dequantize_value
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["ad", "key"], meta_fields=["in_axes", "out_axes"])
@@ -48,6 +49,10 @@ class Lazy:
         ad = dataclasses.replace(self.ad, w=w)
         return Lazy(ad, self.key, in_axes or self.in_axes, out_axes or self.out_axes)
 
+    def base(self) -> jax.Array:
+        """The frozen base as an array: the view of w (a quantized w dequantized here, at its use)."""
+        return dequantize_value(self.ad.w)
+
     def shape_of(self, axes) -> tuple[int, ...]:
         return tuple(self.ad.w.shape[ax] for ax in axes)
 
@@ -58,7 +63,8 @@ class Lazy:
         m = m.reshape(self.ad.stack_shape + self.shape_of(self.in_axes) + self.shape_of(self.out_axes))
         canon = list(range(s)) + list(self.in_axes) + list(self.out_axes)  # view axis of each canonical axis
         m = jnp.transpose(m, np.argsort(canon))
-        return self.ad.w + m.astype(self.ad.w.dtype)
+        w = self.base()
+        return w + m.astype(w.dtype)
 
 
 def adapter_dropout(lz: Lazy, x: jax.Array, salt: int) -> jax.Array:
@@ -83,7 +89,9 @@ def plain(v, prim_name: str, why: str = "no factored rule"):
 
 
 def materialize(vals, prim_name: str, why: str = "no factored rule"):
-    """Materializes every lazy value in `vals` (each distinct one once), warning once for the use."""
+    """Materializes every lazy value in `vals` (each distinct one once), warning once for the use; a quantized
+    base weight is dequantized (no warning: that is its use)."""
+    vals = [dequantize_value(v) for v in vals]
     done = {}
     for v in vals:
         if isinstance(v, Lazy) and id(v) not in done:
@@ -99,7 +107,7 @@ def materialize(vals, prim_name: str, why: str = "no factored rule"):
 
 def _convert(eqn, invals, i):
     (lz,) = invals
-    return [lz.view(bind(eqn, [lz.ad.w])[0])]
+    return [lz.view(bind(eqn, [lz.base()])[0])]
 
 
 def _transpose(eqn, invals, i):
@@ -108,7 +116,7 @@ def _transpose(eqn, invals, i):
     if perm[: lz.ad.stack_ndim] != tuple(range(lz.ad.stack_ndim)):
         return None
     new = lambda axes: tuple(perm.index(ax) for ax in axes)
-    return [lz.view(bind(eqn, [lz.ad.w])[0], new(lz.in_axes), new(lz.out_axes))]
+    return [lz.view(bind(eqn, [lz.base()])[0], new(lz.in_axes), new(lz.out_axes))]
 
 
 def _reshape(eqn, invals, i):
@@ -122,12 +130,12 @@ def _reshape(eqn, invals, i):
     if new[:s] != w.shape[:s] or not splits:
         return None
     j = splits[0]
-    return [lz.view(bind(eqn, [w])[0], tuple(range(s, j)), tuple(range(j, len(new))))]
+    return [lz.view(bind(eqn, [lz.base()])[0], tuple(range(s, j)), tuple(range(j, len(new))))]
 
 
 def _copy(eqn, invals, i):
     (lz,) = invals
-    return [lz.view(bind(eqn, [lz.ad.w])[0])]
+    return [lz.view(bind(eqn, [lz.base()])[0])]
 
 
 def _dot_general(eqn, invals, i):
@@ -145,7 +153,7 @@ def _dot_general(eqn, invals, i):
         group, free, proj = lz.out_axes, lz.in_axes, lz.ad.project_t
     else:
         return None
-    base = bind(eqn, [lz.ad.w, rhs] if lazy_is_lhs else [lhs, lz.ad.w])[0]
+    base = bind(eqn, [lz.base(), rhs] if lazy_is_lhs else [lhs, lz.base()])[0]
     x_group = [x_c[list(lz_c).index(ax)] for ax in group]  # x's dims in the canonical order of `group`
     x_free = [d for d in range(x.ndim) if d not in x_c]
     x2 = jnp.transpose(x, x_free + x_group).reshape(-1, math.prod(lz.shape_of(group)))  # [n, d_group]
@@ -180,7 +188,7 @@ def _conv(eqn, invals, i):
     _, rhs_spec, out_spec = p["dimension_numbers"]
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or lz.out_axes[0] != rhs_spec[0]:
         return None
-    base = bind(eqn, [lhs, lz.ad.w])[0]
+    base = bind(eqn, [lhs, lz.base()])[0]
     kernel = _to_view_layout(lz, lz.ad.a.T).astype(lhs.dtype)  # [*spatial, in, R] in w's layout
     u = bind(eqn, [adapter_dropout(lz, lhs, i), kernel])[0]  # [batch, *spatial', R] in out_spec's layout
     return [base + _mix_out_along(lz, u, out_spec[1]).astype(base.dtype)]
@@ -198,7 +206,7 @@ def _gather(eqn, invals, i):
         return None
     if sizes[ax_in] != 1 or sizes[ax_out] != lz.ad.w.shape[ax_out]:
         return None
-    base = bind(eqn, [lz.ad.w, idx])[0]
+    base = bind(eqn, [lz.base(), idx])[0]
     a_view = _to_view_layout(lz, lz.ad.a.T)  # [V, R] or [R, V]
     r_sizes = tuple(lz.ad.total_rank if d == ax_out else s for d, s in enumerate(sizes))
     u = jax_api.primitive("gather").bind(a_view, idx, **{**p, "slice_sizes": r_sizes})  # rows of Aᵀ: [..., R, ...]
@@ -209,7 +217,8 @@ def _map_stack(lz: Lazy, fn, drop: int = 0) -> Lazy:
     """Applies `fn(array, ndim_after_stack)` to every field's stacked axes; `drop` stack axes vanish."""
     ad = lz.ad
     rest = lambda x: x.ndim - ad.stack_ndim
-    new = {f: None if getattr(ad, f) is None else fn(getattr(ad, f), rest(getattr(ad, f))) for f in "wabcd"}
+    each = lambda x: jax.tree.map(lambda a: fn(a, rest(a)), x)  # also the codes and scales of a quantized w
+    new = {f: None if getattr(ad, f) is None else each(getattr(ad, f)) for f in "wabcd"}
     ad = dataclasses.replace(ad, stack_ndim=ad.stack_ndim - drop, **new)
     key = None if lz.key is None else fn(lz.key, rest(lz.key))
     shift = lambda axes: tuple(a - drop for a in axes)

@@ -21,6 +21,7 @@ import numpy as np
 
 from mtlora_jax import paths, structures
 from mtlora_jax.adapted import Adapted, is_adapted
+from mtlora_jax.quantized import is_quantized
 
 A_INITS = ("kaiming_uniform", "gaussian")
 B_INITS = ("zeros", "kaiming_uniform", "gaussian")
@@ -209,4 +210,4 @@ def init(params, cfg: MTLoRAConfig, key: jax.Array):
         )
         return node.validate(path)
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_adapted)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))

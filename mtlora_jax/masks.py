@@ -14,6 +14,7 @@ import optax
 
 from mtlora_jax import paths
 from mtlora_jax.adapted import is_adapted
+from mtlora_jax.quantized import is_quantized
 
 TRAIN, FREEZE = "train", "freeze"
 
@@ -30,9 +31,12 @@ def _mask(tree, extra: tuple, *, check: bool):
             return dataclasses.replace(
                 leaf, w=None if leaf.w is None else False, a=on(leaf.a), b=on(leaf.b), c=on(leaf.c), d=on(leaf.d)
             )
-        return paths.matches_any(patterns, paths.path_str(keypath))
+        path = paths.path_str(keypath)
+        if is_quantized(leaf) and paths.matches_any(patterns, path):
+            raise ValueError(f"extra_trainable matches {path}, a quantized base weight: it cannot train")
+        return paths.matches_any(patterns, path)
 
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_adapted)
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
 
 
 def trainable_mask(params, extra_trainable=()):

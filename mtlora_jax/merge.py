@@ -11,10 +11,12 @@ import dataclasses
 import jax
 
 from mtlora_jax.adapted import Adapted, is_adapted
+from mtlora_jax.quantized import dequantize_value, is_quantized
 
 
 def merge(params):
-    """Replaces every `Adapted` leaf by the plain array w + dW (in w's dtype).
+    """Replaces every `Adapted` leaf by the plain array w + dW (in w's dtype), a quantized w dequantized first,
+    and every other `Quantized` leaf by its dequantized array.
 
     Args:
       params: a tree with `Adapted` leaves.
@@ -22,8 +24,13 @@ def merge(params):
     Returns:
       A tree of plain arrays; leaves that were not adapted are returned as the same objects.
     """
-    fold = lambda x: x.w + x.delta().astype(x.w.dtype) if is_adapted(x) else x
-    return jax.tree.map(fold, params, is_leaf=is_adapted)
+    def fold(x):
+        if not is_adapted(x):
+            return dequantize_value(x)
+        w = dequantize_value(x.w)
+        return w + x.delta().astype(w.dtype)
+
+    return jax.tree.map(fold, params, is_leaf=lambda x: is_adapted(x) or is_quantized(x))
 
 
 def unmerge(plain, params):

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import jax
 
 from mtlora_jax.adapted import is_adapted
+from mtlora_jax.quantized import is_quantized
 
 
 def path_str(keypath: Sequence) -> str:
@@ -33,8 +34,9 @@ def path_str(keypath: Sequence) -> str:
 
 
 def named_leaves(tree, *, adapted_as_leaf: bool = True) -> list[tuple[str, object]]:
-    """(path, leaf) pairs in tree order; `Adapted` nodes are single leaves unless adapted_as_leaf=False."""
-    is_leaf = is_adapted if adapted_as_leaf else None
+    """(path, leaf) pairs in tree order; `Adapted` and `Quantized` nodes are single leaves unless
+    adapted_as_leaf=False."""
+    is_leaf = (lambda x: is_adapted(x) or is_quantized(x)) if adapted_as_leaf else None
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_str(kp), leaf) for kp, leaf in flat]
 

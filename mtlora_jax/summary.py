@@ -9,6 +9,7 @@ import jax
 from mtlora_jax import paths
 from mtlora_jax.adapted import is_adapted
 from mtlora_jax.masks import trainable_mask
+from mtlora_jax.quantized import is_quantized
 
 
 def _size(x) -> int:
@@ -18,10 +19,19 @@ def _size(x) -> int:
 def count_params(params, extra_trainable=()) -> tuple[int, int]:
     """(trainable, total) parameter counts; total counts the frozen base and the adapters."""
     mask = trainable_mask(params, extra_trainable)
-    sizes = jax.tree.leaves(jax.tree.map(_size, params))
+    sizes = jax.tree.leaves(jax.tree.map(_size, params, is_leaf=is_quantized))  # a quantized matrix: its values
     flags = jax.tree.leaves(mask)
     total = sum(sizes)
     return sum(s for s, on in zip(sizes, flags, strict=True) if on), total
+
+
+def quantized_bytes(params) -> tuple[int, int]:
+    """(bytes the `Quantized` base matrices hold, bytes they took in their float dtype), also inside adapters."""
+    held = was = 0
+    for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
+        if is_quantized(leaf):
+            held, was = held + leaf.nbytes, was + leaf.size * jax.numpy.dtype(leaf.dtype).itemsize
+    return held, was
 
 
 def summary(params, extra_trainable=()) -> str:
@@ -42,6 +52,9 @@ def summary(params, extra_trainable=()) -> str:
             rows.append(f"  {path}  w{tuple(leaf.w.shape)}  {leaf.structure} r={leaf.rank}{fused}  {n:,}")
     trainable, total = count_params(params, extra_trainable)
     lines = [f"MTLoRA adapters on {len(rows)} targets:", *rows]
+    held, was = quantized_bytes(params)
+    if was:
+        lines.append(f"quantized base: {held:,} bytes instead of {was:,} ({held / was:.3f}x, {was - held:,} saved)")
     lines.append(
         f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     )

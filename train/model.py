@@ -86,7 +86,25 @@ def load(config, *, head: str, num_labels: int | None = None, mesh=None) -> Mode
         raise type(e)(f"config.model={config.model!r}: {e}; {MODEL_HINT}") from e
     except Exception as e:  # a reader's own error on a damaged file (gguf, safetensors): name the file's key too
         raise ValueError(f"config.model={config.model!r}: {type(e).__name__}: {e}; {MODEL_HINT}") from e
-    return Model(module, params, tokenizer, models.family(module), head)
+    return quantize_base(config, Model(module, params, tokenizer, models.family(module), head))
+
+
+def quantize_base(config, model: Model) -> Model:
+    """The model with its block matrices quantized (config.base_quant "int8" / "nf4"; "none": unchanged).
+
+    The targets are the "all-linear" kernels of the family (every Dense kernel inside the blocks; embeddings,
+    norms and heads stay float). A run from before base_quant existed has none."""
+    method = config.get("base_quant", "none")
+    if method == "none":
+        return model
+    if str(config.model).endswith(".gguf"):
+        logging.info("config.base_quant=%s: the GGUF's own quantized blocks were dequantized on load and are "
+                     "quantized again here (two roundings)", method)  # fmt: skip
+    params = mt.quantize(model.params, method, targets=models.targets("all-linear", model.family))
+    held, was = mt.quantized_bytes(params)
+    logging.info("base_quant=%s: the base matrices hold %.1f MB instead of %.1f MB (%.3fx)", method, held / 1e6,
+                 was / 1e6, held / max(was, 1))  # fmt: skip
+    return model._replace(params=params)
 
 
 def mtlora_config(config, family: str) -> mt.MTLoRAConfig:

@@ -51,13 +51,14 @@ def config_rules(config) -> dict[str, str | None]:
 def cast_base(frozen, base_dtype: str):
     """The frozen half with its matrices (>= 2-D floating leaves: kernels, embeddings) stored in `base_dtype`.
 
-    Norm scales and biases stay as they are. Raises ValueError naming config.base_dtype for an unknown dtype.
+    Norm scales, biases and quantized matrices (`mt.quantize`) stay as they are. Raises ValueError naming
+    config.base_dtype for an unknown dtype.
     """
     if base_dtype not in BASE_DTYPES:
         raise ValueError(f"config.base_dtype={base_dtype!r}: expected one of {', '.join(BASE_DTYPES)}")
     dtype = BASE_DTYPES[base_dtype]
-    cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
-    return jax.tree.map(cast, frozen)
+    keep = lambda x: mt.is_quantized(x) or not (x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating))
+    return jax.tree.map(lambda x: x if keep(x) else x.astype(dtype), frozen, is_leaf=mt.is_quantized)
 
 
 def place(params, extra_trainable, *, family: str, mesh, base_dtype: str = "float32", rules=None):
