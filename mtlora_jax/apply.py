@@ -28,10 +28,11 @@ import numpy as np
 from jax import lax
 
 from mtlora_jax import jax_api
+from mtlora_jax import quantized_ops as qops
 from mtlora_jax.adapted import is_adapted
 from mtlora_jax.factored import RULES as FACTORED_RULES
 from mtlora_jax.factored import Lazy, bind, materialize, unstack
-from mtlora_jax.quantized import dequantize_value, is_quantized
+from mtlora_jax.quantized import is_quantized
 
 
 def _eval(jaxpr, consts, args):
@@ -45,18 +46,32 @@ def _eval(jaxpr, consts, args):
     for i, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         outs = None
-        if eqn.primitive not in _PASS_QUANTIZED:
-            invals = [dequantize_value(v) for v in invals]  # a quantized base weight, at its use
-        if any(isinstance(v, Lazy) or is_quantized(v) for v in invals):
+        if eqn.primitive not in _PASS_QUANTIZED and any(qops.is_quantized_weight(v) for v in invals):
+            outs = _quantized(eqn, invals)
+            if outs is None:  # any other use of a quantized base weight: dequantized there
+                invals = [qops.value(v) for v in invals]
+        if outs is None and any(isinstance(v, Lazy) or is_quantized(v) for v in invals):
             rule = _RULES.get(eqn.primitive)
             outs = rule(eqn, invals, i) if rule else None
             if outs is None:
                 outs = bind(eqn, materialize(invals, eqn.primitive.name))
-        else:
+        elif outs is None:
             outs = bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):
             env[var] = val
     return [read(v) for v in jaxpr.outvars]
+
+
+def _quantized(eqn, invals):
+    """A plain (not adapted) quantized weight: views stay quantized, a product recomputes it (quantized_ops)."""
+    if eqn.primitive in qops.VIEWS and len(invals) == 1:
+        return [qops.view(eqn, invals[0])]
+    if eqn.primitive is jax_api.primitive("dot_general"):
+        lhs, rhs = invals
+        w_is_lhs, w_is_rhs = qops.is_quantized_weight(lhs), qops.is_quantized_weight(rhs)
+        if w_is_lhs != w_is_rhs and not isinstance(lhs, Lazy) and not isinstance(rhs, Lazy):
+            return [qops.product(eqn, lhs if w_is_lhs else rhs, rhs if w_is_lhs else lhs, w_is_lhs)]
+    return None
 
 
 def _eval_plain_out(jaxpr, consts, args, name):
@@ -90,6 +105,7 @@ def _scan(eqn, invals, i):
     nc, ncar = p["num_consts"], p["num_carry"]
     consts, carry, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
     carry = materialize(carry, "scan", "adapted weight in the carry")
+    xs = [qops.value(v) if isinstance(v, qops.QView) else v for v in xs]  # a view of a stacked weight: float
     for v in xs:
         if isinstance(v, Lazy) and not v.ad.stack_ndim:
             return None

@@ -22,8 +22,8 @@ import numpy as np
 from jax import lax
 
 from mtlora_jax import jax_api
+from mtlora_jax import quantized_ops as qops
 from mtlora_jax.adapted import Adapted
-from mtlora_jax.quantized import dequantize_value
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["ad", "key"], meta_fields=["in_axes", "out_axes"])
@@ -51,7 +51,7 @@ class Lazy:
 
     def base(self) -> jax.Array:
         """The frozen base as an array: the view of w (a quantized w dequantized here, at its use)."""
-        return dequantize_value(self.ad.w)
+        return qops.value(self.ad.w)
 
     def shape_of(self, axes) -> tuple[int, ...]:
         return tuple(self.ad.w.shape[ax] for ax in axes)
@@ -91,7 +91,7 @@ def plain(v, prim_name: str, why: str = "no factored rule"):
 def materialize(vals, prim_name: str, why: str = "no factored rule"):
     """Materializes every lazy value in `vals` (each distinct one once), warning once for the use; a quantized
     base weight is dequantized (no warning: that is its use)."""
-    vals = [dequantize_value(v) for v in vals]
+    vals = [qops.value(v) for v in vals]
     done = {}
     for v in vals:
         if isinstance(v, Lazy) and id(v) not in done:
@@ -105,9 +105,14 @@ def materialize(vals, prim_name: str, why: str = "no factored rule"):
     return [done.get(id(v), v) for v in vals]
 
 
+def _viewed(eqn, lz: Lazy):
+    """w after one view equation: a quantized w stays quantized (`quantized_ops.view`)."""
+    return qops.view(eqn, lz.ad.w) if qops.is_quantized_weight(lz.ad.w) else bind(eqn, [lz.ad.w])[0]
+
+
 def _convert(eqn, invals, i):
     (lz,) = invals
-    return [lz.view(bind(eqn, [lz.base()])[0])]
+    return [lz.view(_viewed(eqn, lz))]
 
 
 def _transpose(eqn, invals, i):
@@ -116,7 +121,7 @@ def _transpose(eqn, invals, i):
     if perm[: lz.ad.stack_ndim] != tuple(range(lz.ad.stack_ndim)):
         return None
     new = lambda axes: tuple(perm.index(ax) for ax in axes)
-    return [lz.view(bind(eqn, [lz.base()])[0], new(lz.in_axes), new(lz.out_axes))]
+    return [lz.view(_viewed(eqn, lz), new(lz.in_axes), new(lz.out_axes))]
 
 
 def _reshape(eqn, invals, i):
@@ -130,12 +135,12 @@ def _reshape(eqn, invals, i):
     if new[:s] != w.shape[:s] or not splits:
         return None
     j = splits[0]
-    return [lz.view(bind(eqn, [lz.base()])[0], tuple(range(s, j)), tuple(range(j, len(new))))]
+    return [lz.view(_viewed(eqn, lz), tuple(range(s, j)), tuple(range(j, len(new))))]
 
 
 def _copy(eqn, invals, i):
     (lz,) = invals
-    return [lz.view(bind(eqn, [lz.base()])[0])]
+    return [lz.view(_viewed(eqn, lz))]
 
 
 def _dot_general(eqn, invals, i):
@@ -153,7 +158,10 @@ def _dot_general(eqn, invals, i):
         group, free, proj = lz.out_axes, lz.in_axes, lz.ad.project_t
     else:
         return None
-    base = bind(eqn, [lz.base(), rhs] if lazy_is_lhs else [lhs, lz.base()])[0]
+    if qops.is_quantized_weight(lz.ad.w):  # the float weight is recomputed in the backward pass, never kept
+        base = qops.product(eqn, lz.ad.w, x, lazy_is_lhs)
+    else:
+        base = bind(eqn, [lz.ad.w, rhs] if lazy_is_lhs else [lhs, lz.ad.w])[0]
     x_group = [x_c[list(lz_c).index(ax)] for ax in group]  # x's dims in the canonical order of `group`
     x_free = [d for d in range(x.ndim) if d not in x_c]
     x2 = jnp.transpose(x, x_free + x_group).reshape(-1, math.prod(lz.shape_of(group)))  # [n, d_group]
@@ -216,6 +224,8 @@ def _gather(eqn, invals, i):
 def _map_stack(lz: Lazy, fn, drop: int = 0) -> Lazy:
     """Applies `fn(array, ndim_after_stack)` to every field's stacked axes; `drop` stack axes vanish."""
     ad = lz.ad
+    if isinstance(ad.w, qops.QView):  # views of a stacked quantized weight: slice the float array
+        ad = dataclasses.replace(ad, w=ad.w.value())
     rest = lambda x: x.ndim - ad.stack_ndim
     each = lambda x: jax.tree.map(lambda a: fn(a, rest(a)), x)  # also the codes and scales of a quantized w
     new = {f: None if getattr(ad, f) is None else each(getattr(ad, f)) for f in "wabcd"}

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mtlora_jax import paths
+from mtlora_jax.adapted import is_adapted
 from mtlora_jax.quantized import METHODS, NF4_LEVELS, SCALE_BLOCK, Quantized, is_quantized
 
 
@@ -103,13 +104,15 @@ def quantize(tree, method: str, *, targets=(r".*kernel",), block_size: int = 64,
         path = paths.path_str(keypath)
         if not paths.matches_any(patterns, path) or is_quantized(leaf):
             return leaf
+        if is_adapted(leaf):
+            raise ValueError(f"quantize: {path} is already adapted; quantize the base first, then mt.init")
         shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
         if shape is None or len(shape) < 2 or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"quantize: {path} is not a floating-point matrix (shape {shape}, dtype {dtype}); "
                              "narrow `targets` to the weight matrices")  # fmt: skip
         return quantize_array(jnp.asarray(leaf), method, block_size, double_quant)
 
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_quantized)
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=lambda x: is_quantized(x) or is_adapted(x))
 
 
 def dequantize(tree):
