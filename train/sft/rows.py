@@ -13,8 +13,9 @@ the error counts every invalid row by cause and names the first of each. An empt
 row, is always an error.
 
 Every row becomes a `Row`: its messages (chat and alpaca, alpaca as one user turn `instruction\\n\\ninput`
-and one assistant turn) or its prompt and completion (prompt; text rows have an empty prompt and train on
-every token). train/sft/tokens.py turns rows into token ids and loss masks.
+and one assistant turn, both stripped of surrounding whitespace) or its prompt and completion (prompt; text
+rows have an empty prompt and train on every token). train/sft/tokens.py turns rows into token ids and loss
+masks.
 """
 
 import json
@@ -112,9 +113,9 @@ def parse(obj, fmt: str, where: str) -> Row:
         return Row(_messages(obj, where), None, None, where, fmt)
     if fmt == "alpaca":
         extra = _text(obj, "input", where, empty_ok=True).strip()
-        instruction = _text(obj, "instruction", where)
+        instruction = _text(obj, "instruction", where).strip()
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        return Row((("user", user), ("assistant", _text(obj, "output", where))), None, None, where, fmt)
+        return Row((("user", user), ("assistant", _text(obj, "output", where).strip())), None, None, where, fmt)
     if fmt == "prompt":
         return Row(None, _text(obj, "prompt", where), _text(obj, "completion", where), where, fmt)
     return Row(None, "", _text(obj, "text", where), where, fmt)
