@@ -72,10 +72,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mtlora.targets_preset = "all-linear"
     if variant.smoke:
         c.data = str(FIXTURE)
-        c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 4, 4, 64, (32,)
+        # batch 8: divisible by the 8 CPU devices of tests/conftest.py
+        c.num_train_steps, c.batch_size, c.max_length, c.length_buckets = 4, 8, 64, (32,)
         c.learning_rate, c.warmup_steps, c.mtlora.dropout = 1e-2, 1, 0.0
         c.checkpoint_every_steps, c.log_every_steps, c.eval_fraction = 2, 1, 0.25
-        c.eval_batch_size, c.sample_prompts, c.sample_max_new_tokens = 4, 2, 6
+        c.eval_batch_size, c.sample_prompts, c.sample_max_new_tokens = 8, 2, 6
         c.compilation_cache_dir = ""
     if variant.smollm:
         c.model, c.data, c.skip_bad_rows = base.smollm_path(), str(ALPACA_LIBRE), True

@@ -1,6 +1,8 @@
-"""Test-wide setup: 8 simulated CPU devices (set before jax is imported), the shared-data fixture, and the
-table-to-text fixtures shared by tests/test_nlg_*.py (their helpers: tests/nlg_helpers.py)."""
+"""Test-wide setup: 8 simulated CPU devices (set before jax is imported), the shared-data fixture, the
+table-to-text fixtures shared by tests/test_nlg_*.py (their helpers: tests/nlg_helpers.py), and the finished
+instruction-tuning run shared by tests/test_sft_train.py and tests/test_generate.py."""
 
+import contextlib
 import os
 import pathlib
 
@@ -89,4 +91,56 @@ def gpt2_cli_run(tiny_gpt2, tmp_path_factory):
     cmd.append(f"--config.model={tiny_gpt2}")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+# Instruction tuning (tests/test_sft_train.py, tests/test_generate.py): one finished train.sft run, shared, and one
+# persistent XLA cache for their runs and command lines.
+@pytest.fixture(scope="session")
+def sft_xla_cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("sft-xla-cache"))
+
+
+@contextlib.contextmanager
+def persistent_xla_cache(path: str):
+    """JAX's on-disk compilation cache in `path`, every program cached, inside the block (then as before).
+
+    Every train_and_evaluate call and every process jits new closures, so in-memory caches miss; the on-disk
+    cache keys on the compiled program, which reruns, resumes and the command lines' generations repeat."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def sft_xla_env(sft_xla_cache_dir) -> dict:
+    """The shared persistent XLA cache on for a test module; the environment that gives its subprocesses the same."""
+    with persistent_xla_cache(sft_xla_cache_dir):
+        yield {**os.environ, "JAX_COMPILATION_CACHE_DIR": sft_xla_cache_dir,
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def sft_run(tiny_llama, tmp_path_factory, sft_xla_cache_dir) -> pathlib.Path:
+    """`configs/sft.py:smoke` on the tiny Llama, in-process and finished: 4 steps on the chat fixture, held-out
+    rows = the same file (--config.eval_data), a base-model evaluation first. Tests copy it before changing it."""
+    from configs import sft
+    from train.sft import train as sft_train
+
+    config = sft.get_config("smoke")
+    config.model, config.eval_data, config.eval_before_training = tiny_llama, config.data, True
+    workdir = tmp_path_factory.mktemp("sft_smoke")
+    with persistent_xla_cache(sft_xla_cache_dir):
+        assert sft_train.train_and_evaluate(config, str(workdir)) is not None
     return workdir
