@@ -18,6 +18,7 @@ REQUIRED = {
     "partition_rules",
     "distributed",
     "base_dtype",
+    "base_quant",
     "remat",
     "scan_layers",
     "model",
@@ -63,8 +64,8 @@ RECIPES = {
 
 
 def test_config_files_and_tasks_agree():
-    """Every GLUE task has a config file; every other file is an NLG task or a shared / driver module."""
-    files = {p.stem for p in CONFIGS.glob("*.py")} - {"__init__", "base", "glue_common", "nlg_common", "study"}
+    """Every GLUE task has a config file; every other file is an NLG task, the SFT job or a shared / driver module."""
+    files = {p.stem for p in CONFIGS.glob("*.py")} - {"__init__", "base", "glue_common", "nlg_common", "study", "sft"}
     assert files == set(RECIPES) | set(nlg_common.NLG_TASKS)
     assert set(RECIPES) == set(glue_common.TASKS) == set(glue_tasks.TASKS)
 

@@ -19,6 +19,7 @@ REQUIRED = {
     "partition_rules",
     "distributed",
     "base_dtype",
+    "base_quant",
     "remat",
     "model", "task", "data_dir", "eval_split", "num_epochs", "num_train_steps", "batch_size", "max_length",
     "length_buckets", "learning_rate", "warmup_steps", "weight_decay", "label_smoothing", "seed", "dtype",

@@ -105,7 +105,7 @@ def test_a_row_of_another_format_names_file_line_and_its_keys(tmp_path):
         rows_lib.load(path)
     msg = str(e.value)
     assert f"{path}:3: not a chat row" in msg and "it has: prompt, completion, id" in msg
-    assert "1 invalid rows: 1 of another format" in msg and "skip_bad_rows" in msg
+    assert "1 invalid row: 1 of another format" in msg and "skip_bad_rows" in msg
     loaded = rows_lib.load(path, skip_bad_rows=True)
     assert len(loaded.rows) == 2 and loaded.skipped == {"of another format": 1}
 
@@ -228,6 +228,14 @@ def test_multi_turn_chat_trains_both_answers_and_no_user_or_system_token(llama_t
     for text in ("You are terse.", "2 + 2?", "And 3 + 3?", "<|im_start|>user", "<|im_start|>assistant"):
         assert text in untrained
     assert llama_tok.decode(enc.tokens) == full
+
+
+def test_a_chat_opened_by_the_assistant_trains_on_its_answer_only(llama_tok):
+    """The template's default system prompt and turn header before a first assistant turn are not trained on."""
+    row = rows_lib.Row((("assistant", "Hello."), ("user", "Hi"), ("assistant", "Bye.")), None, None, "x:1", "chat")
+    enc = tokens.encode(llama_tok, row)
+    assert [llama_tok.decode(enc.tokens[a:b]) for a, b in _spans(enc)] == ["Hello.<|im_end|>\n", "Bye.<|im_end|>\n"]
+    assert "You are a helpful AI assistant" in llama_tok.decode(enc.tokens[~enc.targets])
 
 
 def test_prompt_completion_trains_on_completion_and_eos_and_text_on_every_token(llama_tok, sft_dir):

@@ -167,8 +167,9 @@ def read_file(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> tuple[
     skipped = {cause: count for cause, (count, _) in bad.items()}
     if bad and not skip_bad_rows:
         causes = "; ".join(f"{count} {cause} (first: {first})" for cause, (count, first) in bad.items())
-        raise RowError(f"{path}: {sum(skipped.values())} invalid rows: {causes}; --config.skip_bad_rows=True skips "
-                       "them")  # fmt: skip
+        n = sum(skipped.values())
+        raise RowError(f"{path}: {n} invalid row{'s' if n > 1 else ''}: {causes}; --config.skip_bad_rows=True "
+                       f"skips {'them' if n > 1 else 'it'}")  # fmt: skip
     if not rows:
         raise RowError(f"{path}: no valid row (skipped: {skipped})")
     return rows, fmt, skipped

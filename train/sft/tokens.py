@@ -30,6 +30,14 @@ class Encoded(NamedTuple):
     targets: np.ndarray
 
 
+def _first_prefix(tokenizer) -> str:
+    """The template's text before the content of an assistant turn that opens a conversation (its default system
+    prompt and turn header): the rendering of a one-turn chat up to a marker content."""
+    marker = "\x00assistant-content\x00"
+    text = chat.render(tokenizer, [("assistant", marker)])
+    return text[: text.index(marker)]
+
+
 def chat_segments(tokenizer, messages, where: str = "") -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, trained) segments: assistant turns trained, the rest not."""
     full = chat.render(tokenizer, messages)
@@ -37,7 +45,7 @@ def chat_segments(tokenizer, messages, where: str = "") -> list[tuple[str, bool]
     for i, (role, _) in enumerate(messages):
         if role != "assistant":
             continue
-        prefix = chat.render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        prefix = chat.render(tokenizer, messages[:i], generation_prompt=True) if i else _first_prefix(tokenizer)
         through, start = chat.render(tokenizer, messages[: i + 1]), len(prefix)
         if start < pos or not through.startswith(prefix) or not full.startswith(through):
             raise ValueError(f"{where}: the chat template does not render this conversation as a prefix of its "
