@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from mtlora_jax import models
-from train import chat, generation, saved_run
+from train import chat, conversation, generation, saved_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUESTION = "What is the capital of France?"
@@ -224,14 +224,12 @@ class _Recorder:
 
 
 def test_chat_loop_keeps_the_conversation_and_reset_clears_it(tiny_llama):
-    from train import generate
-
     tok = models.load_tokenizer(tiny_llama)
     template = lambda turns: tok.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False,
                                                      add_generation_prompt=True)  # fmt: skip
     fake, out = _Recorder(tok), io.StringIO()
     lines = io.StringIO(f"{QUESTION}\nAnd of Italy?\n/reset\nHello\n\nnever read\n")
-    generate.chat_loop(fake, tok, generation.GREEDY, system="Be brief.", raw=False, lines=lines, out=out)
+    conversation.chat_loop(fake, tok, generation.GREEDY, system="Be brief.", raw=False, lines=lines, out=out)
     assert [tok.decode(p) for p in fake.prompts] == [
         template([("system", "Be brief."), ("user", QUESTION)]),
         template([("system", "Be brief."), ("user", QUESTION), ("assistant", "Answer 1."), ("user", "And of Italy?")]),
@@ -242,6 +240,6 @@ def test_chat_loop_keeps_the_conversation_and_reset_clears_it(tiny_llama):
     assert "Answer 4." not in shown  # the empty line ended the chat
 
     fake = _Recorder(tok)
-    generate.chat_loop(fake, tok, generation.GREEDY, system=None, raw=True, lines=io.StringIO("Once upon\n"),
+    conversation.chat_loop(fake, tok, generation.GREEDY, system=None, raw=True, lines=io.StringIO("Once upon\n"),
                        out=io.StringIO())  # fmt: skip
     assert fake.prompts == [tok("Once upon")["input_ids"]]
