@@ -115,6 +115,14 @@ def guarded(fn, *args, verbose: bool = False, **kwargs):
         sys.exit(BAD_INPUT_EXIT if isinstance(e, INPUT_ERRORS) else FAILED_EXIT)
 
 
+def tool_main(argv: list[str], run, verbose: bool) -> None:
+    """A tool's absl main (train.predict, train.generate): no positional arguments, warnings only, `run()` guarded."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)
+    guarded(run, verbose=verbose)
+
+
 def main(argv: list[str], train_and_evaluate, config, workdir: str, verbose: bool = False) -> dict:
     """Runs `train_and_evaluate(config, workdir)` at INFO with Orbax quiet; exits 143 when SIGTERM stopped it,
     and 2 or 1 with one line on stderr when it failed. Returns the summary."""

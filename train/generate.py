@@ -14,12 +14,11 @@ tokens are printed as they are produced; an empty line or end of input ends it, 
 Works for every decoder run (train.sft, train.nlg); errors are one line (--verbose: the traceback).
 """
 
-import json
 import os
 
 from absl import app, flags, logging
 
-from train import chat, cli, conversation, generation
+from train import chat, cli, conversation, generation, input_rows
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (config.json and its checkpoints).")
 _PROMPT = flags.DEFINE_string("prompt", None, "One user message to answer (none: a chat on stdin).")
@@ -72,18 +71,11 @@ def run() -> None:
     for messages in inputs:
         ids = generator.generate(prompt(messages), sampling)
         answers.append({"prediction": tok.decode(ids, skip_special_tokens=True)})
-    tmp = f"{_OUTPUT.value}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(a) + "\n" for a in answers)
-    os.replace(tmp, _OUTPUT.value)
-    print(f"wrote {len(answers)} answers to {_OUTPUT.value}")
+    print(f"wrote {input_rows.write_jsonl(_OUTPUT.value, answers)} answers to {_OUTPUT.value}")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    cli.guarded(run, verbose=_VERBOSE.value)
+    cli.tool_main(argv, run, _VERBOSE.value)
 
 
 if __name__ == "__main__":

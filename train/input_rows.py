@@ -1,4 +1,5 @@
-"""Rows of an input file for train.predict: JSONL objects or TSV fields, each with its line number for errors.
+"""Rows of an input file for train.predict / train.generate: JSONL objects or TSV fields, each with its line number
+for errors; and `write_jsonl`, their atomic output.
 
 Both readers raise ValueError naming `file:line` (a line that is not a JSON object, a TSV row shorter than its
 header); what a row must hold is the job's to check (train/glue/predict.py, train/nlg/predict.py).
@@ -6,6 +7,7 @@ header); what a row must hold is the job's to check (train/glue/predict.py, trai
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 
 
@@ -26,6 +28,16 @@ def jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{i}: not a JSON object ({type(obj).__name__})")
             yield i, obj
+
+
+def write_jsonl(path: str, objects) -> int:
+    """Writes one JSON object per line to `path` atomically (a temporary file, then a rename); returns the count."""
+    objects = list(objects)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(o) + "\n" for o in objects)
+    os.replace(tmp, path)
+    return len(objects)
 
 
 def tsv_rows(path: str) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:

@@ -11,13 +11,12 @@ runs: {"prediction"} with the run's decoding settings (--beam_size, --max_new_to
 output file is never overwritten (--overwrite to allow it); errors are one line (--verbose: the traceback).
 """
 
-import json
 import os
 
 from absl import app, flags, logging
 
 from configs import glue_common, nlg_common
-from train import cli, saved_run
+from train import cli, input_rows, saved_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir (config.json and its checkpoints).")
 _TEXT = flags.DEFINE_string("text", None, "One input: a sentence (GLUE) or a linearized table (table-to-text).")
@@ -79,18 +78,11 @@ def run() -> None:
         print(_describe(job.predict(saved, [row], progress=False, **kw)[0]))
         return
     outputs = job.predict(saved, rows, **kw)
-    tmp = f"{_OUTPUT.value}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(o) + "\n" for o in outputs)
-    os.replace(tmp, _OUTPUT.value)
-    print(f"wrote {len(outputs)} predictions to {_OUTPUT.value}")
+    print(f"wrote {input_rows.write_jsonl(_OUTPUT.value, outputs)} predictions to {_OUTPUT.value}")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
-    cli.guarded(run, verbose=_VERBOSE.value)
+    cli.tool_main(argv, run, _VERBOSE.value)
 
 
 if __name__ == "__main__":
