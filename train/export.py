@@ -11,7 +11,8 @@ Both read the run's best checkpoint (train/saved_run.py).
   merged  a standalone HF folder: config.json, model.safetensors (W + dW, the head folded in), tokenizer files.
           Load: transformers.AutoModelForSequenceClassification (encoders) / AutoModelForCausalLM (decoders)
           .from_pretrained(out). A GGUF base exports in the HF Llama layout (float32).
-`--out` must be empty or absent (--overwrite to replace an earlier export); the workdir is only read.
+`--out` must be empty or absent (--overwrite to replace an earlier export); the workdir is only read. A run over a
+quantized base (`base_quant`) exports its dequantized W + dW (merged) or its adapters, trained for that base (peft).
 """
 
 import json
@@ -167,9 +168,14 @@ def export(workdir: str, fmt: str, out: str, *, overwrite: bool = False, model: 
         (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     else:
         write_merged(saved, path)
+    quant = config.get("base_quant", "none")
+    if quant != "none":
+        logging.warning("the run trained over a %s base (base_quant); %s", quant, "the merged weights are its "
+                        "dequantized W + dW" if fmt == "merged" else "on a float base the PEFT adapter gives "
+                        "slightly different outputs (bitsandbytes' 4-bit NF4 / 8-bit bases are the closest)")  # fmt: skip
     (path / "exported_from.json").write_text(json.dumps(
-        {"workdir": os.path.abspath(workdir), "checkpoint": saved.checkpoint, "step": saved.step, "format": fmt},
-        indent=2))  # fmt: skip
+        {"workdir": os.path.abspath(workdir), "checkpoint": saved.checkpoint, "step": saved.step, "format": fmt,
+         "base_quant": quant}, indent=2))  # fmt: skip
     return str(path)
 
 
