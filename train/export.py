@@ -170,9 +170,9 @@ def export(workdir: str, fmt: str, out: str, *, overwrite: bool = False, model: 
         write_merged(saved, path)
     quant = config.get("base_quant", "none")
     if quant != "none":
-        logging.warning("the run trained over a %s base (base_quant); %s", quant, "the merged weights are its "
-                        "dequantized W + dW" if fmt == "merged" else "on a float base the PEFT adapter gives "
-                        "slightly different outputs (bitsandbytes' 4-bit NF4 / 8-bit bases are the closest)")  # fmt: skip
+        what = ("the merged weights are its dequantized W + dW" if fmt == "merged" else "on a float base the PEFT "
+                "adapter gives slightly different outputs (bitsandbytes' NF4 / int8 bases are the closest)")  # fmt: skip
+        logging.warning("the run trained over a %s base (base_quant); %s", quant, what)
     (path / "exported_from.json").write_text(json.dumps(
         {"workdir": os.path.abspath(workdir), "checkpoint": saved.checkpoint, "step": saved.step, "format": fmt,
          "base_quant": quant}, indent=2))  # fmt: skip
