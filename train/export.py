@@ -171,7 +171,7 @@ def export(workdir: str, fmt: str, out: str, *, overwrite: bool = False, model: 
     quant = config.get("base_quant", "none")
     if quant != "none":
         what = ("the merged weights are its dequantized W + dW" if fmt == "merged" else "on a float base the PEFT "
-                "adapter gives slightly different outputs (bitsandbytes' NF4 / int8 bases are the closest)")  # fmt: skip
+                "adapter gives slightly different outputs (bitsandbytes' NF4 / int8 bases are closest)")  # fmt: skip
         logging.warning("the run trained over a %s base (base_quant); %s", quant, what)
     (path / "exported_from.json").write_text(json.dumps(
         {"workdir": os.path.abspath(workdir), "checkpoint": saved.checkpoint, "step": saved.step, "format": fmt,
