@@ -2,17 +2,21 @@
 the KV cache against transformers' `generate` on the same model and prompts.
 
 Training: the exact `python -m train.sft` step (the config's model, adapters, AdamW, the job's batches and loss)
-for `packing=False` and `packing=True`, each fed its first `--steps` real batches of the config's data; every
-batch shape is compiled first, then the two are timed alternately for `--rounds` rounds. Tokens/s counts real
-(non-padding) tokens. Generation: greedy answers of `--new_tokens` tokens (no early stop) to the first
-`--prompts` held-out prompts (chat template applied), by train/generation.py on the merged model and by
+for `packing=False` and `packing=True`. For each, one real batch of every shape an epoch uses (buckets: one per
+bucket; packing: max_length) is compiled, then timed for `--steps` steps per round, the two modes alternated for
+`--rounds` rounds; tokens/s over an epoch = the epoch's real (non-padding) tokens / the sum over shapes of the
+epoch's batches of that shape x its step time.
+
+Generation: greedy answers of `--new_tokens` tokens (no early stop) to the first `--prompts` held-out prompts
+(chat template applied), by train/generation.py on the merged model and by
 `transformers.AutoModelForCausalLM.generate` (PyTorch, float32, its KV cache) loaded from the same checkpoint,
 alternated for `--rounds` rounds; also the fraction of tokens where the two greedy answers agree.
 
-    python -m bench.sft_throughput --config configs/sft.py:smollm --steps 3 --rounds 3
+    python -m bench.sft_throughput --config configs/sft.py:smollm --steps 2 --rounds 3
 """
 
 import argparse
+import collections
 import os
 import statistics
 import time
@@ -24,47 +28,59 @@ from absl import logging
 import mtlora_jax as mt
 from configs import sft as sft_config
 from mtlora_jax.models import sources
-from train import generation, loop
+from train import batching, generation, lm, loop
 from train import mesh as mesh_lib
 from train import model as model_lib
+from train.sft import batches as batches_lib
+from train.sft import tokens
 from train.sft import train as sft_train
 
 
-def train_runs(config, model, data, mesh, steps: int) -> dict:
-    """{"buckets"/"packing": dict(step, state, frozen, batches, tokens)} with every batch shape compiled."""
+def train_runs(config, model, data, mesh) -> dict:
+    """{"buckets"/"packing": run} where a run holds its compiled step, one batch of each shape of an epoch, how many
+    batches of each shape an epoch has and the real (non-padding) tokens of the epoch."""
     runs = {}
     params = model_lib.add_adapters(config, model).params
     trainable, frozen = mt.split(params, ())
     frozen_shardings = mesh_lib.tree_shardings(mesh, frozen)
     frozen = jax.device_put(frozen, frozen_shardings)
+    encoded, _ = tokens.encode_all(model.tokenizer, data.train, config.max_length)
     for name, packing in (("buckets", False), ("packing", True)):
-        config.packing = packing
-        task = sft_train.prepare(config, model, data, mesh, "/tmp/bench_sft_unused")
-        it = task.train_batches(0)
-        batches = [next(it) for _ in range(steps)]
+        batches = batches_lib.Batches(encoded, max_length=config.max_length, length_buckets=config.length_buckets,
+                                      batch_size=config.batch_size, pad_id=sft_train.pad_id(model.tokenizer),
+                                      packing=packing)  # fmt: skip
+        plan = batching.epoch_plan(batches.example_lengths, batches.buckets, config.batch_size, config.seed, 0)
+        counts = collections.Counter(seq_len for seq_len, _ in plan)
+        first = {seq_len: batches.batch(seq_len, rows) for seq_len, rows in reversed(plan)}  # a batch per shape
         schedule = loop.make_schedule(config.learning_rate, 1000, 0)
         tx = loop.make_optimizer(schedule, config.weight_decay, trainable, ())
         state, shardings = loop.create_train_state(trainable, tx, loop.rng_key(0), mesh)
-        step = loop.make_train_step(task.loss_fn, tx, schedule, mesh=mesh, state_shardings=shardings,
+        step = loop.make_train_step(lm.make_loss_fn(model.module), tx, schedule, mesh=mesh, state_shardings=shardings,
                                     frozen_shardings=frozen_shardings)  # fmt: skip
-        t = time.perf_counter()
-        for b in batches:  # compiles every shape
+        for b in first.values():  # compiles every shape
             state, m = step(state, frozen, mesh_lib.shard_batch(b, mesh))
         jax.block_until_ready(m)
-        runs[name] = {"step": step, "state": state, "frozen": frozen, "batches": batches, "times": [],
-                      "tokens": int(sum(b["attention_mask"].sum() for b in batches)), "warm_s": time.perf_counter() - t,
-                      "shape": sorted({b["input_ids"].shape for b in batches})}  # fmt: skip
+        runs[name] = {"step": step, "state": state, "frozen": frozen, "first": first, "counts": counts,
+                      "tokens": int(batches.example_lengths.sum()), "times": collections.defaultdict(list),
+                      "padding": batches.padding_fraction(config.seed)}  # fmt: skip
     return runs
 
 
-def time_train(runs: dict, mesh, rounds: int) -> None:
+def time_train(runs: dict, mesh, rounds: int, steps: int) -> None:
+    """Seconds per step of each shape, per round (the two modes alternated round by round)."""
     for _ in range(rounds):
         for r in runs.values():
-            t = time.perf_counter()
-            for b in r["batches"]:
-                r["state"], m = r["step"](r["state"], r["frozen"], mesh_lib.shard_batch(b, mesh))
-            jax.block_until_ready(m)
-            r["times"].append(time.perf_counter() - t)
+            for seq_len, b in r["first"].items():
+                t = time.perf_counter()
+                for _ in range(steps):
+                    r["state"], m = r["step"](r["state"], r["frozen"], mesh_lib.shard_batch(b, mesh))
+                jax.block_until_ready(m)
+                r["times"][seq_len].append((time.perf_counter() - t) / steps)
+
+
+def epoch_rates(r: dict, rounds: int) -> list[float]:
+    """Real tokens per second over an epoch, per round: the epoch's tokens / sum over shapes of count x step time."""
+    return [r["tokens"] / sum(n * r["times"][s][i] for s, n in r["counts"].items()) for i in range(rounds)]
 
 
 def hf_model(config):
@@ -117,7 +133,7 @@ def spread(values) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sft.py:smollm", help="configs/sft.py[:smoke|:smollm]")
-    parser.add_argument("--steps", type=int, default=3, help="train batches per mode per round")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per batch shape per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
     parser.add_argument("--prompts", type=int, default=3, help="held-out prompts to answer")
     parser.add_argument("--new_tokens", type=int, default=64, help="tokens generated per prompt")
@@ -137,15 +153,19 @@ def main():
           f"{jax.device_count()} x {jax.devices()[0].device_kind}; median (min-max) of {args.rounds} alternated "
           "rounds")  # fmt: skip
     if args.skip != "train":
-        runs = train_runs(config, model, data, mesh, args.steps)
-        time_train(runs, mesh, args.rounds)
-        rates = {n: [r["tokens"] / t for t in r["times"]] for n, r in runs.items()}
+        runs = train_runs(config, model, data, mesh)
+        time_train(runs, mesh, args.rounds, args.steps)
+        rates = {n: epoch_rates(r, args.rounds) for n, r in runs.items()}
         for n, r in runs.items():
-            print(f"train {n:<8} shapes {r['shape']}: {r['tokens']} real tokens in {args.steps} steps; "
-                  f"tokens/s {spread(rates[n])}; s/step {statistics.median(r['times']) / args.steps:.2f}")  # fmt: skip
+            shapes = ", ".join(
+                f"{s}: {c} x {statistics.median(r['times'][s]):.2f} s" for s, c in sorted(r["counts"].items())
+            )
+            print(f"train {n:<8} epoch of {sum(r['counts'].values())} steps ({shapes}), {r['tokens']} real tokens, "
+                  f"padding {r['padding']:.1%}; tokens/s {spread(rates[n])}")  # fmt: skip
         ratios = [p / b for p, b in zip(rates["packing"], rates["buckets"], strict=True)]
-        print(f"train packing / buckets tokens/s: {statistics.median(ratios):.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f})")
+        print(
+            f"train packing / buckets tokens/s: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
     if args.skip != "generate":
         plain = model._replace(params=mt.merge(model_lib.add_adapters(config, model).params))
         prompts = [ids for _, ids, _ in sft_train.sample_prompts(model.tokenizer, data.eval, args.prompts)]
