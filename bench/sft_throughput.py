@@ -10,7 +10,8 @@ epoch's batches of that shape x its step time.
 Generation: greedy answers of `--new_tokens` tokens (no early stop) to the first `--prompts` held-out prompts
 (chat template applied), by train/generation.py on the merged model and by
 `transformers.AutoModelForCausalLM.generate` (PyTorch, float32, its KV cache) loaded from the same checkpoint,
-alternated for `--rounds` rounds; also the fraction of tokens where the two greedy answers agree.
+alternated for `--rounds` rounds; also the fraction of tokens where the two greedy answers agree (up to the
+answer's end of turn).
 
     python -m bench.sft_throughput --config configs/sft.py:smollm --steps 2 --rounds 3
 """
@@ -28,7 +29,7 @@ from absl import logging
 import mtlora_jax as mt
 from configs import sft as sft_config
 from mtlora_jax.models import sources
-from train import batching, generation, lm, loop
+from train import batching, chat, generation, lm, loop
 from train import mesh as mesh_lib
 from train import model as model_lib
 from train.sft import batches as batches_lib
@@ -96,6 +97,11 @@ def hf_model(config):
     return hf.eval()
 
 
+def answer_length(tokens: list[int], stops) -> int:
+    """Tokens before the first stop token (the answer proper; both decoders run on past it here)."""
+    return next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+
+
 def time_generation(config, model, prompts, new_tokens: int, rounds: int) -> dict:
     import torch
 
@@ -121,9 +127,12 @@ def time_generation(config, model, prompts, new_tokens: int, rounds: int) -> dic
             for ids in prompts:
                 fn(ids)
             results[name].append(len(prompts) * new_tokens / (time.perf_counter() - t))
-    agree = np.mean([a == b for x, y in zip(answers["ours"], answers["transformers"], strict=True)
-                     for a, b in zip(x, y, strict=False)])  # fmt: skip
-    return {**results, "agree": float(agree)}
+    # Agreement over each answer up to our first end-of-turn / eos: past it transformers' min_new_tokens bans eos
+    # (so it continues differently) while ours, without stop tokens here, writes it.
+    stops = set(chat.stop_ids(model.tokenizer))
+    pairs = [(x[: answer_length(x, stops)], y) for x, y in zip(answers["ours"], answers["transformers"], strict=True)]
+    agree = np.mean([a == b for x, y in pairs for a, b in zip(x, y, strict=False)]) if any(x for x, _ in pairs) else 1.0
+    return {**results, "agree": float(agree), "answer_tokens": sum(len(x) for x, _ in pairs)}
 
 
 def spread(values) -> str:
@@ -173,7 +182,8 @@ def main():
         ratios = [a / b for a, b in zip(g["ours"], g["transformers"], strict=True)]
         print(f"generate ours tokens/s {spread(g['ours'])}; transformers {spread(g['transformers'])}; ours / theirs "
               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}); greedy tokens agree "
-              f"{g['agree']:.1%} ({len(prompts)} prompts x {args.new_tokens} tokens)")  # fmt: skip
+              f"{g['agree']:.1%} over the {g['answer_tokens']} tokens of the answers before their end of turn "
+              f"({len(prompts)} prompts x {args.new_tokens} tokens)")  # fmt: skip
 
 
 if __name__ == "__main__":
