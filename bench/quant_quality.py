@@ -33,6 +33,7 @@ def main():
     args = parser.parse_args()
     grid = study.get_config()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    os.makedirs(args.workdir, exist_ok=True)
     for name in args.tasks.split(","):
         task = grid.tasks[name]
         for setting in SETTINGS:
