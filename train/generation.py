@@ -67,7 +67,12 @@ def pick(logits: jax.Array, key: jax.Array, temperature, top_p, top_k) -> jax.Ar
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits)).astype(jnp.int32)
 
 
-_pick = jax.jit(pick)
+def choose(logits: jax.Array, key: jax.Array, knobs, greedy: bool) -> jax.Array:
+    """`pick`, or a plain argmax when decoding is greedy (no sort of the vocabulary per token)."""
+    return jnp.argmax(logits).astype(jnp.int32) if greedy else pick(logits, key, *knobs)
+
+
+_choose = jax.jit(choose, static_argnums=3)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -77,11 +82,11 @@ def _prefill(module, params, ids, mask, cache):
     return logits[0, -1], cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _step(module, params, token, cache, key, temperature, top_p, top_k):
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=3)
+def _step(module, params, token, cache, key, knobs, greedy: bool):
     """The next token after `token` (scalar) and the cache holding it (module-level: compiled once per model)."""
     logits, cache = module.apply({"params": params}, token[None, None], None, cache=cache)
-    return pick(logits[0, -1], key, temperature, top_p, top_k), cache
+    return choose(logits[0, -1], key, knobs, greedy), cache
 
 
 class Generator:
@@ -113,7 +118,8 @@ class Generator:
         key = jax.random.key(sampling.seed)
         knobs = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k))
         key, sub = jax.random.split(key)
-        token = int(_pick(logits, sub, *knobs))
+        greedy = sampling.temperature == 0
+        token = int(_choose(logits, sub, knobs, greedy))
         for i in range(self.max_new_tokens):
             if token in self.stop_ids:
                 return
@@ -121,7 +127,7 @@ class Generator:
             if i + 1 == self.max_new_tokens:
                 return
             key, sub = jax.random.split(key)
-            next_token, cache = _step(self.module, self.params, jnp.int32(token), cache, sub, *knobs)
+            next_token, cache = _step(self.module, self.params, jnp.int32(token), cache, sub, knobs, greedy)
             token = int(next_token)
 
     def generate(self, prompt: Sequence[int], sampling: Sampling = GREEDY) -> list[int]:
