@@ -14,8 +14,9 @@ Casts and transposes of W stay lazy; `scan` over stacked (nn.scan) weights, `che
 one warning naming the primitive. Works under `jit`, `grad`, `vmap` and `remat`.
 
 A quantized base (`mt.quantize`: `Quantized` leaves, plain or under an `Adapted` node) is traced as its float
-shape and dequantized where an equation uses it; calls and `scan` pass it through whole, so under `nn.scan`
-each layer's matrices are dequantized inside the loop body, one layer at a time, never the whole model.
+shape. Calls and `scan` pass it through whole (under `nn.scan` each layer's slice goes into the loop body), views
+keep it quantized, and a `dot_general` with it dequantizes inside a product whose backward pass dequantizes again
+(`quantized_ops`), so no float copy of more than the weight in use is ever held; any other use dequantizes it.
 """
 
 from __future__ import annotations
