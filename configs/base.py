@@ -146,8 +146,8 @@ def mtlora_config(*, rank: int, alpha: float, dropout: float) -> ml_collections.
     m.alpha = alpha
     # Dropout on the adapter input (training only).
     m.dropout = dropout
-    # Adapted weights (mtlora_jax.models.presets): "mtlora-paper" (q, v and the FFN; GPT-2: c_attn q, v under one
-    # joint T, and c_fc), "lora-qv", "all-linear".
+    # Adapted weights (mtlora_jax.models.presets): "mtlora-paper" (q, v and the FFN; GPT-2: c_attn q, k, v under
+    # one joint T, and c_fc), "lora-qv" (GPT-2: c_attn q and v), "all-linear".
     m.targets_preset = "mtlora-paper"
     # More target regexes (re.fullmatch over "/"-joined param paths), added to the preset's.
     m.extra_targets = ()

@@ -1,10 +1,11 @@
 """Shared table-to-text (E2E, WebNLG, DART) config: `get_base_config()`, `task_config(...)`, `validate`.
 
-Defaults are the reference's GPT-2 medium recipe (../shared/REFERENCE.md): c_attn (q and v with one joint T,
-k frozen) and mlp.c_fc adapted, r = 4, alpha = 32, adapter dropout 0.1, AdamW lr 2e-4 with weight decay
-0.01, batch 8, 5 epochs, 500 linear warmup steps then linear decay, label smoothing 0.1; decoding with beam
-10, length penalty 0.8 (E2E 0.9), no-repeat-ngram 4 and at most 64 new tokens. Task files (configs/e2e.py,
-webnlg.py, dart.py) call `task_config`. Variants (`--config configs/webnlg.py:<arg>`):
+Defaults are the reference's GPT-2 medium recipe (../shared/REFERENCE.md): c_attn (q, k and v under one joint
+T, the authors' enable_xtuning=[True, True, True]) and mlp.c_fc adapted, r = 4, alpha = 32, adapter dropout
+0.1, AdamW lr 2e-4 with weight decay 0.01, batch 8, 5 epochs, 500 linear warmup steps then linear decay, label
+smoothing 0.1; decoding with beam 10, length penalty 0.8 (E2E 0.9), no-repeat-ngram 4 and at most 64 new
+tokens. Task files (configs/e2e.py, webnlg.py, dart.py) call `task_config`. Variants
+(`--config configs/webnlg.py:<arg>`):
 
   smoke   a tiny model the tests build (pass --config.model=<folder>), tests/fixtures/nlg, a few steps,
           beam 2 over 8 new tokens on 4 inputs: what tests/test_nlg_train.py runs.

@@ -50,13 +50,14 @@ def target_shapes(model: str, preset: str) -> tuple[tuple[int, int, int], ...]:
     """Adapted matrices of one layer as (d_in, d_out of one slice, adapted slices), as mtlora_jax.models.presets.
 
     Encoders: q, v (+ FFN in, FFN out); Llama: q, v (+ gate, up, down); GPT-2: c_attn with q and v as 2 slices
-    under one joint T (+ c_fc).
+    (lora-qv), or q, k and v as 3 slices under one joint T (+ c_fc; mtlora-paper, as the authors' GPT-2).
     """
     m = MODELS[model]
     h, f, v = m["hidden"], m["ffn"], m["v_out"]
     qv = {"gpt2": ((h, h, 2),)}.get(m["family"], ((h, h, 1), (h, v, 1)))
     if preset == "lora-qv":
         return qv
+    qv = {"gpt2": ((h, h, 3),)}.get(m["family"], qv)
     if preset != "mtlora-paper":
         raise ValueError(f"target_shapes: preset {preset!r} not tabulated; expected 'mtlora-paper' or 'lora-qv'")
     ffn = {"bert": ((h, f, 1), (f, h, 1)), "llama": ((h, f, 1), (h, f, 1), (f, h, 1)), "gpt2": ((h, f, 1),)}

@@ -92,10 +92,11 @@ def test_targets_select_exactly(family, preset):
 
 
 def test_gpt2_fused_spec_and_mt_init():
-    """GPT-2 q/v presets adapt c_attn as 3 slices with q and v enabled (one joint T), k frozen."""
+    """GPT-2's c_attn as 3 slices: the MTLoRA authors' q, k and v under one joint T; LoRA's q and v, k frozen."""
     assert models.fused("mtlora-paper", "gpt2") == {
-        r"transformer/(h_\d+|h)/attn/c_attn/kernel": (3, (True, False, True))
+        r"transformer/(h_\d+|h)/attn/c_attn/kernel": (3, (True, True, True))
     }
+    assert models.fused("lora-qv", "gpt2") == {r"transformer/(h_\d+|h)/attn/c_attn/kernel": (3, (True, False, True))}
     assert models.fused("all-linear", "gpt2") == {} and models.fused("lora-qv", "bert") == {}
     _, shapes = _paths("gpt2")
     cfg = mt.MTLoRAConfig(
@@ -103,8 +104,8 @@ def test_gpt2_fused_spec_and_mt_init():
     )
     adapted = jax.eval_shape(lambda p: mt.init(p, cfg, jax.random.key(0)), shapes)
     c_attn = adapted["transformer"]["h_0"]["attn"]["c_attn"]["kernel"]
-    assert mt.is_adapted(c_attn) and c_attn.slices == 3 and c_attn.enable == (True, False, True)
-    assert c_attn.a.shape == (4, 8) and c_attn.c.shape == (4, 4)  # joint T over 2 enabled slices x rank 2
+    assert mt.is_adapted(c_attn) and c_attn.slices == 3 and c_attn.enable == (True, True, True)
+    assert c_attn.a.shape == (6, 8) and c_attn.c.shape == (6, 6)  # joint T over 3 enabled slices x rank 2
 
 
 def test_stack_ndim_and_heads():

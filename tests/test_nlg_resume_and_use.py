@@ -65,7 +65,7 @@ def test_resume_after_sigterm_and_a_kill_gives_the_same_result(gpt2_cli_run, tin
 
 
 def test_export_of_a_gpt2_run_loads_in_transformers_and_peft(gpt2_cli_run, tiny_gpt2, tmp_path):
-    """train.export on the finished GPT-2 run (scanned layers, c_attn q and v under one joint T): the merged HF
+    """train.export on the finished GPT-2 run (scanned layers, c_attn q, k, v under one joint T): the merged HF
     folder and the PEFT adapter (fan_in_fan_out, lora_B = B·T) give our merged model's logits in PyTorch."""
     torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
     import transformers

@@ -44,9 +44,9 @@ def test_cli_smoke_run_writes_summary_predictions_and_learns(gpt2_cli_run):
     for name in ("bleu", "ter", "rouge_l"):
         assert {name, f"{name}_seen", f"{name}_unseen"} <= set(metrics)
     assert ("meteor" in metrics) != ("meteor" in summary["metrics_unavailable"])  # a number, or why not
-    # GPT-2 "mtlora-paper", r = 4, d = 16, 2 layers: c_attn (q, v: A [8, 16], B [32, 4], joint C [8, 8]) and
+    # GPT-2 "mtlora-paper", r = 4, d = 16, 2 layers: c_attn (q, k, v: A [12, 16], B [48, 4], joint C [12, 12]) and
     # c_fc (A [4, 16], B [64, 4], C [4, 4]).
-    assert summary["trainable_params"] == 2 * ((8 * 16 + 32 * 4 + 8 * 8) + (4 * 16 + 64 * 4 + 4 * 4))
+    assert summary["trainable_params"] == 2 * ((12 * 16 + 48 * 4 + 12 * 12) + (4 * 16 + 64 * 4 + 4 * 4))
     losses = train_losses(gpt2_cli_run)
     assert len(losses) == summary["num_train_steps"] == 6 and np.isfinite(losses).all()
     assert losses[-1] < losses[0] - 1e-3

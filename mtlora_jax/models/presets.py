@@ -4,10 +4,12 @@ Presets (regexes for ``MTLoRAConfig.targets``, full-matched over "/"-joined para
 matches both the unrolled ``layer_3`` paths and the scanned ``layers`` paths):
 
   * ``"lora-qv"``: query and value projections (the LoRA paper). GPT-2's fused ``c_attn`` is one
-    kernel, so q and v are selected with the fused spec (k disabled), as LoRA's ``enable_lora``.
+    kernel, so q and v are selected with the fused spec (k disabled), as LoRA's ``enable_lora=[True,
+    False, True]``.
   * ``"mtlora-paper"``: what the MTLoRA reference adapts. Encoders: query, value, FFN in
     (``intermediate/dense``) and FFN out (``output/dense``). GPT-2: ``c_attn`` with one joint T over
-    q and v (k disabled) plus ``mlp/c_fc``. Llama (not in the paper; by analogy): q, v and the
+    q, k and v (the authors' ``examples/NLG/src/model.py``: ``MergedLinear(enable_xtuning=[True, True,
+    True])``) plus ``mlp/c_fc``. Llama (not in the paper; by analogy): q, v and the
     SwiGLU FFN (gate, up, down).
   * ``"all-linear"``: every Dense kernel inside the blocks (heads and embeddings excluded); GPT-2's
     ``c_attn`` is adapted as one plain matrix.
@@ -38,8 +40,10 @@ _MODULES = {
         "all-linear": (r"self_attn/(q_proj|k_proj|v_proj|o_proj)", r"mlp/(gate_proj|up_proj|down_proj)"),
     },
 }
-# GPT-2 c_attn = [q | k | v]: three slices, q and v adapted with one joint T, k frozen (the reference).
+# GPT-2 c_attn = [q | k | v] as three slices: LoRA's q and v (k frozen), and the MTLoRA authors' q, k and v under
+# one joint T.
 C_ATTN_QV = (3, (True, False, True))
+C_ATTN_QKV = (3, (True, True, True))
 _HEADS = {
     ("bert", "classification"): (r"pooler/.*", r"classifier/.*"),
     ("bert", "regression"): (r"pooler/.*", r"classifier/.*"),
@@ -76,13 +80,15 @@ def targets(preset: str, family: str) -> tuple[str, ...]:
 
 
 def fused(preset: str, family: str) -> dict[str, tuple[int, tuple[bool, ...]]]:
-    """The ``MTLoRAConfig.fused`` spec: GPT-2's q/v presets give ``{c_attn regex: (3, (True, False, True))}``.
+    """The ``MTLoRAConfig.fused`` spec of GPT-2's c_attn: ``(3, (True, False, True))`` for "lora-qv",
+    ``(3, (True, True, True))`` (one joint T over q, k, v) for "mtlora-paper".
 
-    Returns {} for every other preset and family (nothing fused).
+    Returns {} for every other preset and family (nothing fused; "all-linear" adapts c_attn as one matrix).
     """
     _check(preset, family)
     if family == "gpt2" and preset in ("lora-qv", "mtlora-paper"):
-        return {f"{_layer_prefix(family)}/attn/c_attn/kernel": C_ATTN_QV}
+        spec = C_ATTN_QV if preset == "lora-qv" else C_ATTN_QKV
+        return {f"{_layer_prefix(family)}/attn/c_attn/kernel": spec}
     return {}
 
 

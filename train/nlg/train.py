@@ -1,8 +1,8 @@
 """Table-to-text fine-tuning with MTLoRA (E2E, WebNLG, DART): the job's own parts for the shared run.
 
 The decoder (GPT-2 or a Llama-family model from `config.model`: hub id, HF folder or .gguf file) gets MTLoRA
-adapters on the `config.mtlora.targets_preset` weights (GPT-2 "mtlora-paper": c_attn q and v under one joint T,
-plus mlp.c_fc); only the adapters train. Training sequences are `prefix + context + separator + " " + target +
+adapters on the `config.mtlora.targets_preset` weights (GPT-2 "mtlora-paper": c_attn q, k and v under one
+joint T, plus mlp.c_fc); only the adapters train. Training sequences are `prefix + context + separator + " " + target +
 eos` (train/nlg/data.py); the loss is the label-smoothed cross-entropy on the target and eos tokens only,
 with adapter dropout from `mt.apply(..., rng=...)`. Batches are padded to a few length buckets (train/batching.py).
 Each evaluation decodes the eval split and scores it (train/nlg/evaluation.py); the best is the highest BLEU.
