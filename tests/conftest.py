@@ -72,6 +72,20 @@ def tiny_llama(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def sft_dir() -> pathlib.Path:
+    """The instruction-tuning fixture files (tests/fixtures/sft: chat, Alpaca, prompt / completion, text)."""
+    return FIXTURES / "sft"
+
+
+@pytest.fixture(scope="session")
+def llama_tok(tiny_llama):
+    """tiny_llama's tokenizer (SmolLM2's, with its ChatML chat template)."""
+    from mtlora_jax import models
+
+    return models.load_tokenizer(tiny_llama)
+
+
 @pytest.fixture
 def no_jvm(monkeypatch):
     """METEOR 1.5 as a constant: it starts a JVM (~15 s) per evaluation. The CLI test scores it for real."""

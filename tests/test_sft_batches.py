@@ -5,7 +5,6 @@ packed batches rebuilt with numpy, the token loss of a packed batch against the 
 the tiny Llama, and the padding fraction counted from the batches.
 """
 
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +16,6 @@ from train import lm
 from train.sft import batches as batches_lib
 from train.sft import rows as rows_lib
 from train.sft import tokens
-
-
-@pytest.fixture(scope="module")
-def sft_dir():
-    return pathlib.Path(__file__).resolve().parent / "fixtures" / "sft"
-
-
-@pytest.fixture(scope="module")
-def llama_tok(tiny_llama):
-    return models.load_tokenizer(tiny_llama)
 
 
 def _optimal_packs(lengths, max_length):

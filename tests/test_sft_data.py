@@ -6,7 +6,6 @@ Independent references: the fixture files read by eye and the chat template's ow
 """
 
 import json
-import pathlib
 import shutil
 
 import numpy as np
@@ -17,16 +16,6 @@ from train.sft import rows as rows_lib
 from train.sft import tokens
 
 ALPACA_LIBRE_LINES, ALPACA_LIBRE_NOT_JSON, ALPACA_LIBRE_EMPTY = 2294, 14, 51
-
-
-@pytest.fixture(scope="module")
-def sft_dir():
-    return pathlib.Path(__file__).resolve().parent / "fixtures" / "sft"
-
-
-@pytest.fixture(scope="module")
-def llama_tok(tiny_llama):
-    return models.load_tokenizer(tiny_llama)
 
 
 def _write(path, lines):
