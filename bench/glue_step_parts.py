@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-import configs
 import mtlora_jax as mt
+from bench import glue_step_time
 from mtlora_jax.models import layers
 from train import loop
 from train import mesh as mesh_lib
 from train import model as model_lib
-from train.glue import pipeline
 from train.glue import train as glue_train
 
 VARIANTS = ("job", "no-dropout", "fused-attn", "floor")
@@ -98,15 +97,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
-    path, _, arg = args.config.partition(":")
-    config = configs.get_config(path.removeprefix("configs/").removesuffix(".py"), arg or None)
-    config.max_length, config.length_buckets = args.seq, (args.seq,)
-    data = glue_train.load_data(config)
-    model = model_lib.load(config, **glue_train.head(config, data))
-    encoded = pipeline.encode(data["train"], model.tokenizer, config.max_length)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    it = pipeline.train_batches(encoded, batch_size=config.batch_size, buckets=(args.seq,), seed=0)
-    batches = [mesh_lib.shard_batch(next(it), mesh) for _ in range(args.steps)]
+    config, model, mesh, batches = glue_step_time.real_batches(args.config, args.seq, args.steps)
     runs = {v: build(v, config, model, mesh, batches[0]) for v in VARIANTS}
     times = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):

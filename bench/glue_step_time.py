@@ -26,6 +26,22 @@ from train.glue import train as glue_train
 STRUCTURES = ("lora", "shim", "icfm", "ctcm", "dtsm")
 
 
+def real_batches(config_arg: str, seq: int, steps: int, batch: int = 0):
+    """(config, model, mesh, `steps` sharded train batches of the task's real data, all `seq` tokens wide) for
+    "configs/<task>.py[:arg]"; batch 0 keeps the config's batch size."""
+    path, _, arg = config_arg.partition(":")
+    config = configs.get_config(path.removeprefix("configs/").removesuffix(".py"), arg or None)
+    if batch:
+        config.batch_size = batch
+    config.max_length, config.length_buckets = seq, (seq,)
+    data = glue_train.load_data(config)
+    model = model_lib.load(config, **glue_train.head(config, data))
+    encoded = pipeline.encode(data["train"], model.tokenizer, config.max_length)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    it = pipeline.train_batches(encoded, batch_size=config.batch_size, buckets=(seq,), seed=0)
+    return config, model, mesh, [mesh_lib.shard_batch(next(it), mesh) for _ in range(steps)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/rte.py:minilm", help="configs/<task>.py[:arg]")
@@ -37,17 +53,7 @@ def main():
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
 
-    path, _, arg = args.config.partition(":")
-    config = configs.get_config(path.removeprefix("configs/").removesuffix(".py"), arg or None)
-    if args.batch:
-        config.batch_size = args.batch
-    config.max_length, config.length_buckets = args.seq, (args.seq,)
-    data = glue_train.load_data(config)
-    model = model_lib.load(config, **glue_train.head(config, data))
-    encoded = pipeline.encode(data["train"], model.tokenizer, config.max_length)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    it = pipeline.train_batches(encoded, batch_size=config.batch_size, buckets=(args.seq,), seed=0)
-    batches = [mesh_lib.shard_batch(next(it), mesh) for _ in range(args.steps)]
+    config, model, mesh, batches = real_batches(args.config, args.seq, args.steps, args.batch)
 
     runs = {}
     for structure in args.structures.split(","):

@@ -48,7 +48,7 @@ def train_runs(config, model, data, mesh) -> dict:
     encoded, _ = tokens.encode_all(model.tokenizer, data.train, config.max_length)
     for name, packing in (("buckets", False), ("packing", True)):
         batches = batches_lib.Batches(encoded, max_length=config.max_length, length_buckets=config.length_buckets,
-                                      batch_size=config.batch_size, pad_id=sft_train.pad_id(model.tokenizer),
+                                      batch_size=config.batch_size, pad_id=chat.pad_id(model.tokenizer),
                                       packing=packing)  # fmt: skip
         plan = batching.epoch_plan(batches.example_lengths, batches.buckets, config.batch_size, config.seed, 0)
         counts = collections.Counter(seq_len for seq_len, _ in plan)

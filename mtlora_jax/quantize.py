@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from mtlora_jax import paths
 from mtlora_jax.adapted import is_adapted
-from mtlora_jax.quantized import METHODS, NF4_LEVELS, SCALE_BLOCK, Quantized, is_quantized
+from mtlora_jax.quantized import METHODS, NF4_LEVELS, SCALE_BLOCK, Quantized, dequantize_value, is_quantized
 
 
 def _int8_absmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -117,4 +117,4 @@ def quantize(tree, method: str, *, targets=(r".*kernel",), block_size: int = 64,
 
 def dequantize(tree):
     """The same tree with every `Quantized` node (also inside `mt.Adapted` leaves) as a plain float array."""
-    return jax.tree.map(lambda x: x.dequantize() if is_quantized(x) else x, tree, is_leaf=is_quantized)
+    return jax.tree.map(dequantize_value, tree, is_leaf=is_quantized)

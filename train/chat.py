@@ -30,6 +30,11 @@ def token_ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
+def pad_id(tokenizer) -> int:
+    """The padding token: the tokenizer's own, else eos."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def stop_ids(tokenizer) -> tuple[int, ...]:
     """Tokens that end a generated answer: eos and the end-of-turn tokens the chat template writes."""
     stops = {tokenizer.eos_token_id} - {None}

@@ -56,9 +56,8 @@ def run() -> None:
         raise ValueError(f"--workdir={_WORKDIR.value}: a {model.family} run; train.generate needs a decoder run")
     logging.info("generating with the %s", which)
     tok = model.tokenizer
-    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
     generator = generation.Generator(model.module, model.params, stop_ids=chat.stop_ids(tok),
-                                     max_new_tokens=_NEW_TOKENS.value, pad_id=pad)  # fmt: skip
+                                     max_new_tokens=_NEW_TOKENS.value, pad_id=chat.pad_id(tok))  # fmt: skip
     system, raw = _SYSTEM.value, _RAW.value
     prompt = lambda messages: conversation.prompt_of(tok, conversation.turns(messages, system), raw=raw)
     if inputs is None and _PROMPT.value is None:

@@ -126,7 +126,8 @@ class Generator:
             yield token
             if i + 1 == self.max_new_tokens:
                 return
-            key, sub = jax.random.split(key)
+            if not greedy:  # greedy decoding never reads the key
+                key, sub = jax.random.split(key)
             next_token, cache = _step(self.module, self.params, jnp.int32(token), cache, sub, knobs, greedy)
             token = int(next_token)
 

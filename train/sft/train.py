@@ -98,10 +98,6 @@ def write_samples(path: str, tokenizer, prompts, answers) -> None:
     os.replace(path + ".tmp", path)
 
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-
-
 def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
     """Tokenizes the rows and binds the loss, the held-out scoring and the sample generations to `model`."""
     tok = model.tokenizer
@@ -111,7 +107,7 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
                         "lost every trained token)", cut["truncated"], len(encoded), config.max_length,
                         cut["truncated_no_target"])  # fmt: skip
     held, _ = tokens.encode_all(tok, data.eval, config.max_length)
-    kw = dict(max_length=config.max_length, length_buckets=config.length_buckets, pad_id=pad_id(tok))
+    kw = dict(max_length=config.max_length, length_buckets=config.length_buckets, pad_id=chat.pad_id(tok))
     train = batches_lib.Batches(encoded, batch_size=config.batch_size, packing=config.packing, **kw)
     mesh_lib.check_batch_size(config.eval_batch_size, mesh, key="eval_batch_size")
     evals = batches_lib.Batches(held, batch_size=config.eval_batch_size, packing=False, **kw)
@@ -137,7 +133,7 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
             loss = total / max(count, 1.0)
             if samples:
                 gen = generation.Generator(model.module, mt.combine(params, frozen), stop_ids=stops,
-                                           max_new_tokens=config.sample_max_new_tokens, pad_id=pad_id(tok))  # fmt: skip
+                                           max_new_tokens=config.sample_max_new_tokens, pad_id=kw["pad_id"])
                 answers = [tok.decode(gen.generate(ids), skip_special_tokens=True) for _, ids, _ in samples]
                 name = "before" if before else f"{step}"
                 write_samples(os.path.join(workdir, "samples", f"{name}.jsonl"), tok, samples, answers)
