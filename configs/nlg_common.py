@@ -52,6 +52,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         c, num_epochs=5.0, batch_size=8, max_length=512, length_buckets=(64, 128, 256), learning_rate=2e-4,
         warmup_steps=500, warmup_ratio=0.0, weight_decay=0.01, eval_every_steps=0, checkpoint_every_steps=1000,
     )  # fmt: skip
+    # Batches padded to length buckets, or length-grouped (--config.batching=length_grouped).
+    base.add_batching(c)
     # Label smoothing eps of the target-token cross-entropy.
     c.label_smoothing = 0.1
     # mesh, distributed, base_dtype, scan_layers (nn.scan over the decoder blocks: one compile), remat.

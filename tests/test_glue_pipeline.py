@@ -114,6 +114,34 @@ def test_train_batches_epochs_shuffle_deterministically_and_resume():
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_length_grouped_batches_pad_each_batch_to_its_own_longest_row():
+    """batching.Batching("length_grouped"): each batch is [4, round_up(longest real row, 8)], every example once
+    per epoch (train) and per pass (eval, longest first), resumable mid-epoch like the bucket mode."""
+    lengths = np.random.default_rng(1).integers(2, 64, size=29).tolist()
+    enc = _synthetic(lengths)
+    how = batching.Batching("length_grouped", (64,), pad_multiple=8)
+    kw = dict(batch_size=4, buckets=how, seed=3)
+    per_epoch = batching.steps_per_epoch(enc.lengths, how, 4)
+    assert per_epoch == 8  # ceil(29 / 4)
+    run = list(itertools.islice(ip.train_batches(enc, **kw), 2 * per_epoch))
+    evals = list(ip.eval_batches(enc, batch_size=4, buckets=how))
+    for part in (run[:per_epoch], run[per_epoch:], evals):
+        seen = np.concatenate([b["index"][b["weights"] > 0] for b in part])
+        assert sorted(seen.tolist()) == list(range(29))
+        for b in part:
+            longest = max(lengths[i] for i in b["index"] if i >= 0)
+            assert b["input_ids"].shape == (4, -(-longest // 8) * 8)
+            for row, i in enumerate(b["index"]):
+                n = lengths[i if i >= 0 else b["index"][0]]
+                assert b["attention_mask"][row].sum() == n and (b["input_ids"][row, n:] == 0).all()
+    eval_longest = [max(lengths[i] for i in b["index"] if i >= 0) for b in evals]
+    assert eval_longest == sorted(eval_longest, reverse=True)
+    resumed = list(itertools.islice(ip.train_batches(enc, **kw, start_step=5), per_epoch))
+    for a, b in zip(resumed, run[5 : 5 + per_epoch], strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_make_batch_needs_a_real_row():
     with pytest.raises(ValueError, match="at least one real example"):
         ip.make_batch(_synthetic([3]), np.array([-1, -1]), 8)

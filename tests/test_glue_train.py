@@ -114,6 +114,28 @@ def test_smoke_config_runs_end_to_end_with_minilm(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "config.json").read_text())["task"] == "sst2"
 
 
+def test_length_grouped_run_pads_to_multiples_of_8_and_a_resume_as_buckets_refuses(tiny_model, tmp_path, monkeypatch):
+    """--config.batching=length_grouped on the tiny model: each step's batch is [8, 8k <= 32], each shape traced
+    once, the losses finite; rerunning the workdir with batching=buckets refuses, naming the key."""
+    shapes = []
+    original = loop.train_step
+
+    def counting(state, frozen, batch, **kw):
+        shapes.append(batch["input_ids"].shape)
+        return original(state, frozen, batch, **kw)
+
+    monkeypatch.setattr(loop, "train_step", counting)
+    steps = {"num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4}
+    config = tiny_config("sst2", tiny_model, batching="length_grouped", **steps)
+    glue_train.train_and_evaluate(config, str(tmp_path))
+    assert len(shapes) == len(set(shapes)) >= 2, shapes  # one bucket (32,), yet two shapes: 16 and 32 tokens
+    assert all(b == 8 and s % 8 == 0 and s <= 32 for b, s in shapes), shapes
+    losses = _train_losses(str(tmp_path))
+    assert list(losses) == [1, 2, 3, 4] and all(map(math.isfinite, losses.values()))
+    with pytest.raises(ValueError, match=r"config.batching: 'length_grouped' in the workdir, 'buckets' now"):
+        glue_train.train_and_evaluate(tiny_config("sst2", tiny_model, **steps), str(tmp_path))
+
+
 def _full_batch(task, model, **overrides):
     """Every fixture train example in one batch of 16 (one step = one epoch), 16 steps at lr 1e-2."""
     return tiny_config(task, model, batch_size=16, num_train_steps=16, learning_rate=1e-2, eval_every_steps=16,

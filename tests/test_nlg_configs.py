@@ -26,7 +26,7 @@ REQUIRED = {
     "scan_layers", "mesh", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
     "max_train_examples", "train_subset", "eval_max_examples", "eval_subset", "eval_before_training",
     "eval_batch_size", "prompt_buckets", "beam_size", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
-    "mtlora", "grad_accum_steps", "warmup_ratio", "init_from", "compilation_cache_dir",
+    "mtlora", "grad_accum_steps", "warmup_ratio", "init_from", "compilation_cache_dir", "batching", "pad_multiple",
 }  # fmt: skip
 MTLORA = {"structure", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
 # REFERENCE.md: length penalty 0.9 for E2E, 0.8 for WebNLG and DART.
@@ -59,7 +59,8 @@ def test_keys(task, arg):
 
 
 def test_one_comment_above_every_field():
-    sources = (nlg_common.get_base_config, base.add_run_keys, base.add_scale_out, base.mtlora_config)  # with GLUE
+    shared = (base.add_run_keys, base.add_batching, base.add_scale_out, base.mtlora_config)  # with GLUE
+    sources = (nlg_common.get_base_config, *shared)
     lines = [line for f in sources for line in inspect.getsource(f).splitlines()]
     fields = [i for i, line in enumerate(lines) if re.match(r"\s+[cm]\.[\w.]+ = ", line)]
     assert len(fields) == len(REQUIRED) + len(MTLORA)

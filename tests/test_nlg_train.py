@@ -135,6 +135,20 @@ def test_train_batches_cover_each_epoch_and_resume_mid_stream():
             np.testing.assert_array_equal(resumed[key], first[k][key])
 
 
+def test_length_grouped_lm_batches_pad_to_their_longest_row():
+    """batching.Batching("length_grouped") (config.batching): an epoch of ceil(11 / 4) = 3 batches, each
+    [4, round_up(longest input, 8) <= 24], holding the 11 examples' inputs once."""
+    seqs, lengths = _encoded(11)
+    how = batching.Batching("length_grouped", (24,), pad_multiple=8)
+    stream = nlg_train.train_batches(seqs, lengths, 0, batch_size=4, buckets=how, seed=3)
+    batches = [next(stream) for _ in range(batching.steps_per_epoch(lengths, how, 4))]
+    assert len(batches) == 3
+    real = [b["attention_mask"][b["weights"].sum(1) > 0].sum(1) for b in batches]  # input lengths of real rows
+    assert sorted(np.concatenate(real).tolist()) == sorted(lengths.tolist())
+    for b, n in zip(batches, real, strict=True):
+        assert b["input_ids"].shape == (4, min(24, -(-n.max() // 8) * 8))
+
+
 def test_prompt_batches_place_every_input_once():
     prompts = [[1] * n for n in (3, 9, 4, 12, 20, 2, 7)]
     got = {}

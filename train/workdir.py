@@ -28,9 +28,10 @@ LOCK_FILE, FINGERPRINT_FILE, RESUMES_FILE = "run.lock", "fingerprint.json", "res
 IDENTITY_KEYS = (
     "task", "model", "max_train_examples", "train_subset", "max_length", "seed", "dtype", "base_dtype", "base_quant",
     "init_from",
-    "scan_layers", "grad_accum_steps", "batch_size", "length_buckets", "packing", "label_smoothing", "learning_rate",
-    "warmup_steps", "warmup_ratio", "weight_decay", "mtlora.structure", "mtlora.rank", "mtlora.alpha",
-    "mtlora.dropout", "mtlora.targets_preset", "mtlora.extra_targets", "mtlora.extra_trainable",
+    "scan_layers", "grad_accum_steps", "batch_size", "length_buckets", "batching", "pad_multiple", "packing",
+    "label_smoothing", "learning_rate", "warmup_steps", "warmup_ratio", "weight_decay", "mtlora.structure",
+    "mtlora.rank", "mtlora.alpha", "mtlora.dropout", "mtlora.targets_preset", "mtlora.extra_targets",
+    "mtlora.extra_trainable",
 )  # fmt: skip
 
 

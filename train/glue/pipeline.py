@@ -1,4 +1,4 @@
-"""GLUE examples -> tokenized, length-bucketed numpy batches (the plans of train/batching.py).
+"""GLUE examples -> tokenized, padded numpy batches (the plans of train/batching.py: buckets or length-grouped).
 
 Batches are dicts of numpy arrays:
 
@@ -9,14 +9,14 @@ Batches are dicts of numpy arrays:
   weights         [batch]      float32 1 for real examples, 0 for padding rows
   index           [batch]      int32 example index in the split, -1 for padding rows
 
-A batch short of `batch_size` examples (the last of each bucket) is filled with copies of its first row
-carrying weight 0, so padding rows are valid inputs (no all-masked attention rows, no NaN) and any loss or
-metric weighted by `weights` ignores them. Nothing is dropped: an epoch of `train_batches` and one pass of
+A batch short of `batch_size` examples (the last of each bucket, or of the split) is filled with copies of its
+first row carrying weight 0, so padding rows are valid inputs (no all-masked attention rows, no NaN) and any
+loss or metric weighted by `weights` ignores them. Nothing is dropped: an epoch of `train_batches` and one pass of
 `eval_batches` see every example exactly once.
 """
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -116,14 +116,14 @@ def make_batch(encoded: Encoded, rows: np.ndarray, seq_len: int) -> Batch:
 
 
 def train_batches(
-    encoded: Encoded, *, batch_size: int, buckets: Sequence[int], seed: int, start_step: int = 0
+    encoded: Encoded, *, batch_size: int, buckets: batching.Buckets, seed: int, start_step: int = 0
 ) -> Iterator[Batch]:
     """Endless shuffled train batches from global step `start_step` (the order of `batching.train_plan`).
 
     Args:
       encoded: the train split.
       batch_size: rows per batch (global batch).
-      buckets: sequence lengths, from `batching.bucket_lengths`.
+      buckets: sequence lengths, from `batching.bucket_lengths`, or a `batching.Batching` (e.g. length-grouped).
       seed: shuffling seed.
       start_step: the first step to produce (a resumed run passes its restored step).
     """
@@ -134,7 +134,7 @@ def train_batches(
         yield make_batch(encoded, rows, seq_len)
 
 
-def eval_batches(encoded: Encoded, *, batch_size: int, buckets: Sequence[int]) -> Iterator[Batch]:
-    """One pass over every example exactly once (bucket by bucket, in index order); padding rows have weight 0."""
+def eval_batches(encoded: Encoded, *, batch_size: int, buckets: batching.Buckets) -> Iterator[Batch]:
+    """One pass over every example exactly once (the order of `batching.eval_plan`); padding rows have weight 0."""
     for seq_len, rows in batching.eval_plan(encoded.lengths, batch_size=batch_size, buckets=buckets):
         yield make_batch(encoded, rows, seq_len)

@@ -93,7 +93,7 @@ def prepare(config, model, data: dict, mesh, workdir: str) -> runner.Task:
     spec = glue_tasks.get_task(config.task)
     encoded = {split: pipeline.encode(x, model.tokenizer, config.max_length) for split, x in data.items()}
     train = encoded.pop("train")
-    buckets = batching.bucket_lengths(config.length_buckets, config.max_length)
+    buckets = batching.from_config(config)  # bucket lengths or length-grouped (config.batching)
     micro = config.batch_size // config.grad_accum_steps
 
     def make_evaluate(placed: runner.Placement):
@@ -114,7 +114,7 @@ def prepare(config, model, data: dict, mesh, workdir: str) -> runner.Task:
         make_evaluate=make_evaluate,
         main_metric=glue_metrics.main_metric(spec.name),
         summary={},
-        description=f"{len(train)} train examples, buckets {buckets}",
+        description=f"{len(train)} train examples, {buckets.describe()}",
     )
 
 

@@ -4,7 +4,8 @@ The decoder (GPT-2 or a Llama-family model from `config.model`: hub id, HF folde
 adapters on the `config.mtlora.targets_preset` weights (GPT-2 "mtlora-paper": c_attn q, k and v under one
 joint T, plus mlp.c_fc); only the adapters train. Training sequences are `prefix + context + separator + " " + target +
 eos` (train/nlg/data.py); the loss is the label-smoothed cross-entropy on the target and eos tokens only,
-with adapter dropout from `mt.apply(..., rng=...)`. Batches are padded to a few length buckets (train/batching.py).
+with adapter dropout from `mt.apply(..., rng=...)`. Batches are padded to a few length buckets, or length-grouped
+(`config.batching`, train/batching.py).
 Each evaluation decodes the eval split and scores it (train/nlg/evaluation.py); the best is the highest BLEU.
 The loop, checkpoints, resume, SIGTERM, logging and summary.json are the runner's (train/runner.py); the job's
 summary fields: "eval_split", "eval_inputs", "train_examples" and, per evaluation, "metrics_unavailable".
@@ -100,7 +101,7 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
     """Tokenizes the training sequences and binds the loss and the decode-and-score evaluation to `model`."""
     seqs, lengths = encode_examples(data.train, model.tokenizer, config.max_length)
     pad_id = nlg_data.token_format(model.tokenizer).pad_id
-    buckets = batching.bucket_lengths(config.length_buckets, config.max_length)
+    buckets = batching.from_config(config)  # bucket lengths or length-grouped (config.batching)
     generate = nlg_eval.make_generate(model.module, model.tokenizer, config, mesh)
     split_name = nlg_data.SPLITS[config.eval_split]
 
@@ -122,7 +123,7 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
         make_evaluate=lambda placed: evaluate,
         main_metric="bleu",
         summary={"eval_split": split_name, "eval_inputs": n_eval, "train_examples": len(seqs)},
-        description=f"{len(seqs)} train examples, buckets {buckets}; {n_eval} {config.eval_split} inputs to decode",
+        description=f"{len(seqs)} train examples, {buckets.describe()}; {n_eval} {config.eval_split} inputs to decode",
     )
 
 
