@@ -39,10 +39,8 @@ class _Module(nn.Module):
             features, name, std=self.config.initializer_range, dtype=self.dtype, param_dtype=self.param_dtype
         )
 
-    def layer_norm(self) -> nn.LayerNorm:
-        return nn.LayerNorm(
-            self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="LayerNorm"
-        )
+    def layer_norm(self) -> layers.LayerNorm:
+        return layers.LayerNorm(self.config.layer_norm_eps, self.dtype, self.param_dtype, name="LayerNorm")
 
     def dropout(self, x: jax.Array, rate: float) -> jax.Array:
         return nn.Dropout(rate)(x, deterministic=self.deterministic)

@@ -39,8 +39,8 @@ class _Module(nn.Module):
         std = self.config.initializer_range / (math.sqrt(2 * self.config.num_layers) if residual else 1.0)
         return layers.dense(features, name, std=std, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def layer_norm(self, name: str) -> nn.LayerNorm:
-        return nn.LayerNorm(self.config.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    def layer_norm(self, name: str) -> layers.LayerNorm:
+        return layers.LayerNorm(self.config.layer_norm_eps, self.dtype, self.param_dtype, name=name)
 
     def dropout(self, x, rate: float):
         return nn.Dropout(rate)(x, deterministic=self.deterministic)
