@@ -1,8 +1,8 @@
 """Training-step time and compiled memory of MTLoRA vs LoRA vs the frozen floor, merged and full fine-tuning.
 
-A RoBERTa-base-shaped encoder stack (hidden 768, 12 heads, FFN 3072; --layers of them) with q, v, FFN-in and
-FFN-out adapted at rank 8. Every variant is timed in the same process, interleaved round by round, and
-reported as a ratio to the floor (frozen base, gradients w.r.t. the input activations only):
+A RoBERTa-base-shaped encoder stack (hidden --width, default 768, heads of 64, FFN 4 x width; --layers of them)
+with q, v, FFN-in and FFN-out adapted at rank 8. Every variant is timed in the same process, interleaved round by
+round, and reported as a ratio to the floor (frozen base, gradients w.r.t. the input activations only):
 
     floor   frozen base, d loss / d x only (no weight gradients)
     lora    mt.apply, LoRA adapters (T = I), AdamW on the adapters
@@ -29,13 +29,14 @@ from mtlora_jax.models.encoder import EncoderStack
 STRUCTURES = ("lora", "shim", "icfm", "ctcm", "dtsm")
 
 
-def build(layers: int, batch: int, seq: int):
-    """The encoder stack, its params, a batch of hidden states [b, s, 768] and the all-real mask."""
+def build(layers: int, batch: int, seq: int, width: int = 768):
+    """The encoder stack, its params, a batch of hidden states [b, s, width] and the all-real mask."""
     cfg = EncoderConfig(
-        family="roberta", vocab_size=8, hidden_size=768, num_layers=layers, num_heads=12, intermediate_size=3072
-    )
+        family="roberta", vocab_size=8, hidden_size=width, num_layers=layers, num_heads=width // 64,
+        intermediate_size=4 * width,
+    )  # fmt: skip
     stack = EncoderStack(cfg, jnp.float32, jnp.float32, True)
-    x = jax.random.normal(jax.random.key(0), (batch, seq, 768))
+    x = jax.random.normal(jax.random.key(0), (batch, seq, width))
     mask = jnp.ones((batch, 1, seq), bool)
     params = stack.init(jax.random.key(1), x, mask)["params"]
     return stack, {"encoder": params}, x, mask
@@ -111,7 +112,7 @@ def paired(times: dict[str, list[float]], num: str, den: str) -> tuple[float, fl
     return statistics.median(ratios), q[0], q[2]
 
 
-def peft_times(layers: int, batch: int, seq: int, rounds: int) -> dict[str, float]:
+def peft_times(layers: int, batch: int, seq: int, rounds: int, width: int = 768) -> dict[str, float]:
     """PyTorch: frozen floor (d loss / d x) and PEFT LoRA r=8 on the same four targets, AdamW."""
     import peft
     import torch
@@ -120,15 +121,15 @@ def peft_times(layers: int, batch: int, seq: int, rounds: int) -> dict[str, floa
 
     torch.manual_seed(0)
     cfg = RobertaConfig(
-        hidden_size=768,
+        hidden_size=width,
         num_hidden_layers=layers,
-        num_attention_heads=12,
-        intermediate_size=3072,
+        num_attention_heads=width // 64,
+        intermediate_size=4 * width,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
     enc = RobertaEncoder(cfg).eval()
-    x = torch.randn(batch, seq, 768)
+    x = torch.randn(batch, seq, width)
     for p in enc.parameters():
         p.requires_grad_(False)
 
@@ -171,15 +172,16 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--width", type=int, default=768, help="hidden size (heads of 64, FFN 4 x width)")
     ap.add_argument("--peft", action="store_true", help="add the PyTorch PEFT LoRA peer row")
     args = ap.parse_args()
-    stack, params, x, mask = build(args.layers, args.batch, args.seq)
+    stack, params, x, mask = build(args.layers, args.batch, args.seq, args.width)
     variants = steps(stack, params, x, mask)
     mem = {k: memory_mib(fn, a) for k, (fn, a) in variants.items()}
     times = time_variants(variants, args.rounds)
     t = {k: statistics.median(v) for k, v in times.items()}
     print(
-        f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.layers} layers x 768, "
+        f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.layers} layers x {args.width}, "
         f"batch {args.batch} x {args.seq}, rank 8 on q, v, FFN-in, FFN-out; {args.rounds} rounds: median ms, "
         "and the median [25th-75th percentile] of the same-round ratios"
     )
@@ -195,7 +197,7 @@ def main():
     print(f"slowest MTLoRA / LoRA  = {worst('lora'):.3f}  (target <= 1.05)")
     print(f"merged / ctcm          = {paired(times, 'merged', 'ctcm')[0]:.3f}  (target >= 1.25)")
     if args.peft:
-        pt = peft_times(args.layers, args.batch, args.seq, args.rounds)
+        pt = peft_times(args.layers, args.batch, args.seq, args.rounds, args.width)
         print(
             f"PyTorch {pt['torch_floor'] * 1e3:.1f} ms floor, PEFT LoRA {pt['peft_lora'] * 1e3:.1f} ms: "
             f"PEFT / its floor = {pt['peft_lora'] / pt['torch_floor']:.3f}; "
