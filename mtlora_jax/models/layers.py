@@ -21,7 +21,7 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     """The exact GELU as HF and PyTorch write it, ``x / 2 · (1 + erf(x / √2))``.
 
     ``nn.gelu(approximate=False)`` computes the same function through ``erfc``, whose XLA expansion ran the
-    MiniLM step's GELU forward and backward about 1.4x slower on this CPU than ``erf`` (bench/model_ops.py).
+    MiniLM step's GELU forward and backward slower on this CPU than ``erf`` (bench/model_ops.py).
     """
     return x * 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476))  # python scalars keep x.dtype
 
@@ -78,9 +78,8 @@ class LayerNorm(nn.Module):
     float32 (params ``scale`` and ``bias`` [d], as ``nn.LayerNorm``).
 
     The variance is taken of the centred input (two passes) and the scale is applied after the normalization,
-    so the backward pass keeps one [..., d] residual instead of ``nn.LayerNorm``'s broadcast ``scale / std``: its
-    forward and backward ran about 1.5x faster on this CPU (bench/model_ops.py), and the centred variance is the
-    one PyTorch computes.
+    so the backward pass keeps one [..., d] residual instead of ``nn.LayerNorm``'s broadcast ``scale / std``
+    (bench/model_ops.py), and the centred variance is the one PyTorch computes.
     """
 
     eps: float
@@ -136,9 +135,8 @@ def attention(
     head ``j`` of q uses kv head ``j // (h / kvh)``, as HF's ``repeat_kv`` does.
 
     The heads are moved in front of the tokens before the two products, and the mask is added to the scores
-    as a bias (0 or float32 min) instead of selected: on a CPU this runs the attention's forward and backward
-    about 1.6x faster than products over the [b, t, h, hd] layout with a select (bench/attention.py), and it
-    is what XLA does on GPU for the same einsums anyway.
+    as a bias (0 or float32 min) instead of selected: on a CPU the attention's forward and backward ran faster
+    this way than as products over the [b, t, h, hd] layout with a select (bench/model_ops.py).
 
     Args:
       q: [b, t, h, hd] queries; k, v: [b, s, kvh, hd] with h % kvh == 0.
