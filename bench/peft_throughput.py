@@ -36,11 +36,33 @@ SETTINGS = dict(batch_size=16, learning_rate=1e-3, warmup_ratio=0.06, weight_dec
                 max_length=128)  # fmt: skip
 
 
-def _data_dir() -> str:
-    return os.path.join(os.path.dirname(REPO), "shared", "data", "glue")
+DATA_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "glue")
 
 
-def run_ours(task: str, structure: str, steps: int, examples: int, skip: int, batching: str, repo: str = REPO) -> float:
+def steady_rate(records: list[dict], skip: int, batch_size: int) -> float:
+    """Examples/s over the train log intervals that start at or after step `skip`.
+
+    Args:
+      records: metrics.jsonl "train" records in step order, each {"step", "examples_per_s"} over the steps since
+        the previous record.
+      skip: the first steps left out.
+      batch_size: examples per step.
+    """
+    seconds, counted, prev = 0.0, 0, 0
+    for r in records:
+        n = int(r["step"]) - prev
+        if prev >= skip:
+            seconds += n * batch_size / r["examples_per_s"]
+            counted += n
+        prev = int(r["step"])
+    if not counted:
+        raise ValueError(f"no log interval starts at or after step {skip} (--skip) before step {prev}")
+    return counted * batch_size / seconds
+
+
+def run_ours(
+    task: str, structure: str, steps: int, examples: int, skip: int, batching: str, data_dir: str, repo: str = REPO
+) -> float:
     """Steady-state examples/s of one `train.glue` run in `repo` (after `skip` steps), from its metrics.jsonl;
     batching "" leaves config.batching out (a checkout from before it existed)."""
     s = SETTINGS
@@ -50,7 +72,8 @@ def run_ours(task: str, structure: str, steps: int, examples: int, skip: int, ba
             f"--config.num_train_steps={steps}", f"--config.batch_size={s['batch_size']}",
             f"--config.learning_rate={s['learning_rate']}", f"--config.warmup_ratio={s['warmup_ratio']}",
             f"--config.weight_decay={s['weight_decay']}", f"--config.max_length={s['max_length']}",
-            f"--config.max_train_examples={examples}", "--config.max_eval_examples=16", "--config.eval_every_steps=0",
+            f"--config.data_dir={data_dir}", f"--config.max_train_examples={examples}", "--config.max_eval_examples=16",
+            "--config.eval_every_steps=0",
             f"--config.checkpoint_every_steps={steps}", "--config.log_every_steps=10",
             f"--config.mtlora.structure={structure}", f"--config.mtlora.rank={s['rank']}",
             f"--config.mtlora.alpha={s['alpha']}",
@@ -58,21 +81,11 @@ def run_ours(task: str, structure: str, steps: int, examples: int, skip: int, ba
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f if '"train"' in line]
-    seconds, counted = 0.0, 0
-    prev = 0
-    for r in records:  # each train record covers the steps since the previous one
-        n = int(r["step"]) - prev
-        if prev >= skip:
-            seconds += n * s["batch_size"] / r["examples_per_s"]
-            counted += n
-        prev = int(r["step"])
-    if not counted:
-        raise ValueError(f"no log interval after --skip {skip} in {steps} steps")
-    return counted * s["batch_size"] / seconds
+    return steady_rate(records, skip, s["batch_size"])
 
 
-def peft_main(task: str, steps: int, examples: int, skip: int) -> None:
-    """(In a subprocess.) One PEFT LoRA Trainer run; prints {"examples_per_s": ...} as its last line."""
+def peft_main(task: str, steps: int, examples: int, skip: int, data_dir: str) -> float:
+    """(In a subprocess.) One PEFT LoRA Trainer run; prints {"examples_per_s": ...} as its last line and returns it."""
     import datasets
     import peft
     import torch
@@ -84,7 +97,7 @@ def peft_main(task: str, steps: int, examples: int, skip: int) -> None:
 
     s = SETTINGS
     spec = glue_tasks.get_task(task)
-    ex = glue_data.load_task(task, "train", data_dir=_data_dir(), source="local", max_examples=examples)
+    ex = glue_data.load_task(task, "train", data_dir=data_dir, source="local", max_examples=examples)
     path = glue_common.minilm_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     enc = tok(ex.text_a, ex.text_b, truncation=True, max_length=s["max_length"])
@@ -112,15 +125,17 @@ def peft_main(task: str, steps: int, examples: int, skip: int) -> None:
             model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[Clock()]
         )
         trainer.train()
-    counted = len(times) - skip
-    print(json.dumps({"examples_per_s": counted * s["batch_size"] / (times[-1] - times[skip - 1]),
-                      "torch_threads": torch.get_num_threads()}))  # fmt: skip
+    if not 0 < skip < len(times):
+        raise ValueError(f"--skip {skip} leaves no step of {len(times)} to time")
+    rate = (len(times) - skip) * s["batch_size"] / (times[-1] - times[skip - 1])
+    print(json.dumps({"examples_per_s": rate, "torch_threads": torch.get_num_threads()}))
+    return rate
 
 
-def run_peft(task: str, steps: int, examples: int, skip: int) -> float:
+def run_peft(task: str, steps: int, examples: int, skip: int, data_dir: str) -> float:
     """Steady-state examples/s of one PEFT run (its own process)."""
     cmd = [sys.executable, "-m", "bench.peft_throughput", "--side=peft", f"--task={task}", f"--steps={steps}",
-           f"--examples={examples}", f"--skip={skip}"]  # fmt: skip
+           f"--examples={examples}", f"--skip={skip}", f"--data_dir={data_dir}"]  # fmt: skip
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["examples_per_s"]
 
@@ -133,6 +148,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps of every run")
     parser.add_argument("--skip", type=int, default=30, help="first steps left out of the steady state")
     parser.add_argument("--examples", type=int, default=4000, help="train examples (the first N)")
+    parser.add_argument("--data_dir", default=DATA_DIR, help="GLUE folder in the official layout")
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="count the first runs too")
     parser.add_argument("--before", default="", help="a checkout of an older commit: its train.glue (buckets) runs "
@@ -142,14 +158,16 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if args.side == "peft":
-        return peft_main(args.task, args.steps, args.examples, args.skip)
-    ours = {f"ours-{s}": (lambda s=s: run_ours(args.task, s, args.steps, args.examples, args.skip, args.batching))
-            for s in args.structures.split(",")}  # fmt: skip
+        return peft_main(args.task, args.steps, args.examples, args.skip, args.data_dir)
+    run = lambda structure, batching, repo=REPO: run_ours(
+        args.task, structure, args.steps, args.examples, args.skip, batching, args.data_dir, repo
+    )
+    ours = {f"ours-{s}": (lambda s=s: run(s, args.batching)) for s in args.structures.split(",")}
     if args.before:
         first = args.structures.split(",")[0]
         before = os.path.abspath(args.before)
-        ours[f"before-{first}"] = lambda: run_ours(args.task, first, args.steps, args.examples, args.skip, "", before)
-    variants = {**ours, "peft-lora": lambda: run_peft(args.task, args.steps, args.examples, args.skip)}
+        ours[f"before-{first}"] = lambda: run(first, "", before)
+    variants = {**ours, "peft-lora": lambda: run_peft(args.task, args.steps, args.examples, args.skip, args.data_dir)}
     if args.warmup:
         for name, fn in ours.items():
             print(f"warm-up {name}: {fn():.1f} examples/s (not counted)", flush=True)
