@@ -1,5 +1,8 @@
-"""Benchmark scripts that must keep running: the accelerator benchmark's CPU dry run (bench/gpu_mfu.py --tiny): every model shape and variant is built,
-stepped and timed, and every goal gets its verdict line, so the script is ready for a GPU session."""
+"""Benchmark scripts that must keep running.
+
+The accelerator benchmark's CPU dry run (bench/gpu_mfu.py --tiny): every model shape and variant is built, stepped
+and timed, and every goal gets its verdict line, so the script is ready for a GPU session. bench/peft_throughput.py:
+its steady-state arithmetic, and both of its sides train a few steps."""
 
 import pathlib
 import re
