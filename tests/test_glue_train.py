@@ -133,7 +133,7 @@ def test_length_grouped_run_pads_to_multiples_of_8_and_a_resume_as_buckets_refus
     losses = _train_losses(str(tmp_path))
     assert list(losses) == [1, 2, 3, 4] and all(map(math.isfinite, losses.values()))
     with pytest.raises(ValueError, match=r"config.batching: 'length_grouped' in the workdir, 'buckets' now"):
-        glue_train.train_and_evaluate(tiny_config("sst2", tiny_model, **steps), str(tmp_path))
+        glue_train.train_and_evaluate(tiny_config("sst2", tiny_model, batching="buckets", **steps), str(tmp_path))
 
 
 def _full_batch(task, model, **overrides):
