@@ -107,7 +107,8 @@ def _task(
 
 # Shared by every offline GLUE run (explicit, so a change of the entries' defaults cannot change the study).
 _GLUE_OFFLINE = (
-    "num_train_steps=200", "batch_size=16", "max_length=128", "length_buckets=(32, 64)", "learning_rate=1e-3",
+    "num_train_steps=200", "batch_size=16", "max_length=128", "batching=buckets", "length_buckets=(32, 64)",
+    "learning_rate=1e-3",
     "warmup_ratio=0.06", "weight_decay=0.1", "eval_every_steps=50", "checkpoint_every_steps=50",
     "keep_checkpoints=1", "log_every_steps=10", "mtlora.rank=8", "mtlora.alpha=16.0", "mtlora.dropout=0.0",
     "mtlora.targets_preset=mtlora-paper", "mesh.data=1",
@@ -116,7 +117,8 @@ _GLUE_OFFLINE = (
 # as it did when -1 meant "only after the last step" for train.nlg.
 _NLG_OFFLINE = (
     "num_train_steps=60", "max_train_examples=2000", "train_subset=spread", "batch_size=4", "max_length=128",
-    "length_buckets=(64, 96)", "learning_rate=1e-3", "warmup_steps=10", "weight_decay=0.01", "label_smoothing=0.1",
+    "batching=buckets", "length_buckets=(64, 96)", "learning_rate=1e-3", "warmup_steps=10", "weight_decay=0.01",
+    "label_smoothing=0.1",
     "checkpoint_every_steps=20", "keep_checkpoints=1", "log_every_steps=5", "eval_every_steps=-1",
     "eval_before_training=False", "eval_split=test", "eval_max_examples=100", "eval_subset=spread",
     "eval_batch_size=20", "prompt_buckets=(64, 96, 160)", "beam_size=1", "max_new_tokens=64",
