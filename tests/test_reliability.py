@@ -295,3 +295,16 @@ def test_kill_while_a_checkpoint_is_written_resumes_like_an_uninterrupted_run(ti
     np.testing.assert_allclose(list(_losses(tmp_path / "run").values()), list(_losses(tmp_path / "ref").values()),
                                rtol=1e-5)  # fmt: skip
     assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_workdir_from_before_the_batching_key_is_compared_as_buckets(tmp_path):
+    """A fingerprint written before `batching` existed (every such run used length buckets) refuses a resume
+    with length-grouped batches, naming the key, and accepts one with buckets."""
+    config = configs.get_config("sst2", "smoke")
+    old = {k: v for k, v in workdir_lib.fingerprint(config, "data").items() if k != "batching"}
+    (tmp_path / workdir_lib.FINGERPRINT_FILE).write_text(json.dumps(old))
+    config.batching = "length_grouped"
+    with pytest.raises(ValueError, match=r"config.batching: 'buckets' in the workdir, 'length_grouped' now"):
+        workdir_lib.check_fingerprint(str(tmp_path), config, "data")
+    config.batching = "buckets"
+    assert workdir_lib.check_fingerprint(str(tmp_path), config, "data")["batching"] == "buckets"

@@ -35,6 +35,10 @@ IDENTITY_KEYS = (
 )  # fmt: skip
 
 
+# The value an identity key had in every run recorded before the key existed: such a workdir is compared on it.
+LEGACY_IDENTITY = {"batching": "buckets"}
+
+
 class WorkdirInUse(OSError):
     """Another run holds the workdir (an input error: pick another --workdir)."""
 
@@ -169,6 +173,7 @@ def check_fingerprint(workdir: str, config, data_id: str) -> dict:
         old = _read_json(os.path.join(workdir, "config.json")) or {}
         saved = {k: _normalized(k, _get(old, k)) for k in IDENTITY_KEYS if _get(old, k) is not None}
     if saved:
+        saved = {**{k: v for k, v in LEGACY_IDENTITY.items() if k in mine}, **saved}
         diff = [k for k in mine if k in saved and saved[k] != mine[k]]
         if diff:
             said = "; ".join(f"config.{k}: {saved[k]!r} in the workdir, {mine[k]!r} now" for k in diff)
