@@ -7,10 +7,9 @@ the pooler and classifier trained:
 
   ours   `python -m train.glue --config configs/<task>.py:minilm ...` as a user runs it (its own batching,
          --batching), one run per --structures entry; examples/s from its metrics.jsonl log intervals
-  peft   transformers' Trainer with a PEFT LoRA model and `group_by_length` sampling (transformers 5:
-         `train_sampling_strategy="group_by_length"`; its fastest batching: length-
-         sorted megabatches, each batch padded to its own longest row) and `DataCollatorWithPadding`; examples/s
-         from the wall time of its optimizer steps
+  peft   transformers' Trainer with a PEFT LoRA model, `group_by_length` sampling (transformers 5:
+         `train_sampling_strategy="group_by_length"`, its fastest batching: length-sorted megabatches, each batch
+         padded to its own longest row) and `DataCollatorWithPadding`; examples/s from the wall time of its steps
 
 Each side runs in its own process, one after another, the order rotated every round. Steady state: the examples
 of the steps after --skip divided by their wall time (process start, loading, tokenizing and, for ours, the compiles
@@ -34,9 +33,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = r".*\.(attention\.self\.(query|value)|intermediate\.dense|layer\.\d+\.output\.dense)"
 SETTINGS = dict(batch_size=16, learning_rate=1e-3, warmup_ratio=0.06, weight_decay=0.1, rank=8, alpha=16.0,
                 max_length=128)  # fmt: skip
-
-
 DATA_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "glue")
+
+
+def _run(cmd: list[str], cwd: str) -> str:
+    """Runs a side's process; its stdout, or a RuntimeError with the end of its stderr."""
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done.stdout
 
 
 def steady_rate(records: list[dict], skip: int, batch_size: int) -> float:
@@ -78,7 +83,7 @@ def run_ours(
             f"--config.mtlora.structure={structure}", f"--config.mtlora.rank={s['rank']}",
             f"--config.mtlora.alpha={s['alpha']}",
         ] + ([f"--config.batching={batching}"] if batching else [])  # fmt: skip
-        subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True)
+        _run(cmd, repo)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f if '"train"' in line]
     return steady_rate(records, skip, s["batch_size"])
@@ -136,7 +141,7 @@ def run_peft(task: str, steps: int, examples: int, skip: int, data_dir: str) -> 
     """Steady-state examples/s of one PEFT run (its own process)."""
     cmd = [sys.executable, "-m", "bench.peft_throughput", "--side=peft", f"--task={task}", f"--steps={steps}",
            f"--examples={examples}", f"--skip={skip}", f"--data_dir={data_dir}"]  # fmt: skip
-    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    out = _run(cmd, REPO)
     return json.loads(out.strip().splitlines()[-1])["examples_per_s"]
 
 
