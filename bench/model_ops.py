@@ -2,7 +2,8 @@
 
 Each variant runs the forward pass and then the forward pass with its vjp, on the same inputs (MiniLM's
 shapes by default: batch 16 x 64 tokens, 12 heads of 32, FFN 1536); all are timed alternately round by round in one
-process, and each ratio is to the replaced form in the same round:
+process (`bench.step_time.time_variants`: the order rotated every round), and each ratio is to the replaced form
+in the same round:
 
   attention  tokens-major (the former `layers.attention`: einsums over [b, t, h, hd], the mask as a select) /
              heads-major (`layers.attention`: heads before the tokens, the mask added as a bias) / torch sdpa
@@ -15,13 +16,13 @@ process, and each ratio is to the replaced form in the same round:
 
 import argparse
 import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import step_time
 from mtlora_jax.models import layers
 
 
@@ -56,7 +57,7 @@ def torch_variant(fn, *inputs):
     return run
 
 
-def attention_variants(b: int, t: int, h: int, hd: int, rng) -> dict:
+def attention_variants(b: int, t: int, h: int, hd: int, rng) -> tuple[dict, float]:
     q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, hd)), jnp.float32) for _ in range(3))
     keep = np.ones((b, 1, t), bool)
     keep[1:, :, (3 * t) // 4 :] = False  # every row but the first has padding keys
@@ -77,7 +78,7 @@ def attention_variants(b: int, t: int, h: int, hd: int, rng) -> dict:
     return out, err
 
 
-def gelu_variants(b: int, t: int, ffn: int, rng) -> dict:
+def gelu_variants(b: int, t: int, ffn: int, rng) -> tuple[dict, float]:
     x = jnp.asarray(3 * rng.standard_normal((b, t, ffn)), jnp.float32)
     erfc = lambda x: nn.gelu(x, approximate=False)
     out = {"erfc": jax_variant(erfc, x), "erf": jax_variant(layers.gelu_erf, x)}
@@ -87,7 +88,7 @@ def gelu_variants(b: int, t: int, ffn: int, rng) -> dict:
     return out, float(jnp.max(jnp.abs(erfc(x) - layers.gelu_erf(x))))
 
 
-def layernorm_variants(b: int, t: int, d: int, rng) -> dict:
+def layernorm_variants(b: int, t: int, d: int, rng) -> tuple[dict, float]:
     x = jnp.asarray(3 * rng.standard_normal((b, t, d)) + 1, jnp.float32)
     params = {"params": {"scale": jnp.linspace(0.5, 1.5, d), "bias": jnp.linspace(-1.0, 1.0, d)}}
     flax_ln, ours = nn.LayerNorm(1e-12), layers.LayerNorm(1e-12)
@@ -98,19 +99,6 @@ def layernorm_variants(b: int, t: int, d: int, rng) -> dict:
     tln = torch.nn.LayerNorm(d, eps=1e-12)
     out["torch"] = torch_variant(tln, x)
     return out, float(jnp.max(jnp.abs(flax_ln.apply(params, x) - ours.apply(params, x))))
-
-
-def time_alternated(variants: dict, rounds: int) -> dict:
-    """ms of each variant per round, the variants run one after another in each round."""
-    for fn in variants.values():
-        fn()
-    times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return times
 
 
 def main(argv=None):
@@ -131,7 +119,8 @@ def main(argv=None):
     print(f"batch {b} x {t} tokens, {h} heads of {hd}, FFN {4 * h * hd}; forward, then forward + vjp; median (range) "
           f"of {args.rounds} alternated rounds; ratio to the first variant of the op in the same round")  # fmt: skip
     for op, (variants, err) in ops.items():
-        times = time_alternated(variants, args.rounds)
+        secs = step_time.time_variants({name: (fn, ()) for name, fn in variants.items()}, args.rounds)
+        times = {name: [1e3 * x for x in xs] for name, xs in secs.items()}  # ms
         first = next(iter(times.values()))
         print(f"{op} (max |ours - replaced| {err:.1e})")
         for name, ts in times.items():
