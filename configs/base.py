@@ -6,6 +6,7 @@ The job commons (configs/glue_common.py, configs/nlg_common.py) build on this an
   c.model, c.task, c.data_dir = ...            # the job's own keys, one comment above each
   base.add_run_keys(c, num_epochs=..., ...)    # steps, batch, optimizer, cadence, checkpoints, init_from
   base.add_batching(c)                         # batching, pad_multiple (GLUE, NLG)
+  base.add_holdout(c)                          # holdout_examples, holdout_seed (GLUE, NLG)
   base.add_scale_out(c, scan_layers=...)       # mesh, partition rules, distributed, base dtype, scan, remat
   c.mtlora = base.mtlora_config(rank=..., alpha=..., dropout=...)
 
@@ -148,6 +149,15 @@ def add_batching(c: ml_collections.ConfigDict, *, batching: str = "buckets", pad
     c.pad_multiple = pad_multiple
 
 
+def add_holdout(c: ml_collections.ConfigDict) -> None:
+    """The held-out part of the training split (GLUE, NLG; train/holdout.py), for choosing a learning rate."""
+    # Keep N training examples (NLG: N distinct training inputs with all their references) out of training and score
+    # them at every evaluation as heldout_<metric>; GLUE draws them after max_train_examples, NLG before. 0 = off.
+    c.holdout_examples = 0
+    # Seed of the held-out choice, independent of `seed`: runs with different seeds hold out the same examples.
+    c.holdout_seed = 0
+
+
 def check_batching(c: ml_collections.ConfigDict) -> None:
     """Checks batching and pad_multiple; raises naming the key."""
     check(c.batching in BATCHING, "batching", c.batching, f"one of {', '.join(BATCHING)}")
@@ -277,6 +287,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
           "-1 (all) or > 0")  # fmt: skip
     if "batching" in c:  # the jobs of add_batching
         check_batching(c)
+    if "holdout_examples" in c:  # the jobs of add_holdout (each checks holdout_examples against its data too)
+        for key in ("holdout_examples", "holdout_seed"):
+            check(isinstance(c[key], int) and c[key] >= 0, key, c[key], "an int >= 0")
     check_scale_out(c)
     check_mtlora(c.mtlora)
     return config

@@ -50,6 +50,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Length-grouped batches (HF group_by_length; the main job ran 0.91x the wall time of length buckets on a cold
     # compilation cache, docs/BENCHMARKS.md), or --config.batching=buckets.
     base.add_batching(c, batching="length_grouped")
+    # holdout_examples train examples scored as heldout_<metric> (MNLI: one split, heldout_accuracy), holdout_seed.
+    base.add_holdout(c)
     base.add_scale_out(c, scan_layers=False)
     # Adapters: r = 8, alpha = 16, no adapter dropout (the reference's GLUE recipe).
     c.mtlora = base.mtlora_config(rank=8, alpha=16.0, dropout=0.0)

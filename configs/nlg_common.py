@@ -54,6 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     )  # fmt: skip
     # Batches padded to length buckets, or length-grouped (--config.batching=length_grouped).
     base.add_batching(c)
+    # holdout_examples distinct train inputs decoded and scored as heldout_<metric> (heldout_bleu, ...), holdout_seed.
+    base.add_holdout(c)
     # Label smoothing eps of the target-token cross-entropy.
     c.label_smoothing = 0.1
     # mesh, distributed, base_dtype, scan_layers (nn.scan over the decoder blocks: one compile), remat.

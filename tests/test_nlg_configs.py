@@ -27,6 +27,7 @@ REQUIRED = {
     "max_train_examples", "train_subset", "eval_max_examples", "eval_subset", "eval_before_training",
     "eval_batch_size", "prompt_buckets", "beam_size", "length_penalty", "no_repeat_ngram_size", "max_new_tokens",
     "mtlora", "grad_accum_steps", "warmup_ratio", "init_from", "compilation_cache_dir", "batching", "pad_multiple",
+    "holdout_examples", "holdout_seed",
 }  # fmt: skip
 MTLORA = {"structure", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
 # REFERENCE.md: length penalty 0.9 for E2E, 0.8 for WebNLG and DART.
@@ -59,7 +60,7 @@ def test_keys(task, arg):
 
 
 def test_one_comment_above_every_field():
-    shared = (base.add_run_keys, base.add_batching, base.add_scale_out, base.mtlora_config)  # with GLUE
+    shared = (base.add_run_keys, base.add_batching, base.add_holdout, base.add_scale_out, base.mtlora_config)
     sources = (nlg_common.get_base_config, *shared)
     lines = [line for f in sources for line in inspect.getsource(f).splitlines()]
     fields = [i for i, line in enumerate(lines) if re.match(r"\s+[cm]\.[\w.]+ = ", line)]
@@ -118,6 +119,7 @@ def test_smollm_points_at_the_installed_gguf_and_shared_data():
         ("num_train_steps", -2, r"config\.num_train_steps=-2"),
         ("label_smoothing", 1.0, r"config\.label_smoothing=1\.0"),
         ("prompt_buckets", (), r"config\.prompt_buckets=\(\)"),
+        ("holdout_seed", -1, r"config\.holdout_seed=-1: expected an int >= 0"),
     ],
 )
 def test_bad_values_name_the_key(key, value, message):
