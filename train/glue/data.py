@@ -64,6 +64,13 @@ class Examples:
             text_b=None if self.text_b is None else self.text_b[:count],
         )
 
+    def select(self, rows, split: str | None = None) -> "Examples":
+        """The examples at `rows` ([m] indices, in that order), named `split` (default: this split's name)."""
+        rows = np.asarray(rows, np.int64)
+        pick = lambda texts: None if texts is None else [texts[i] for i in rows]
+        texts = {"text_a": pick(self.text_a), "text_b": pick(self.text_b)}
+        return dataclasses.replace(self, split=split or self.split, labels=self.labels[rows], **texts)
+
 
 def _no_data(task: str, why: str) -> RuntimeError:
     folder = glue_tasks.get_task(task).folder

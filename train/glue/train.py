@@ -4,10 +4,14 @@ The model (BERT/RoBERTa from `config.model`, a hub id or a local folder) gets a 
 regression head for STS-B) and MTLoRA adapters on the `config.mtlora.targets_preset` weights; the adapters and
 the head train, the base stays frozen. Loss: cross-entropy (mean squared error for STS-B) over the real rows
 of each batch. Each evaluation scores every dev example of every dev split (MNLI: matched and mismatched);
-the best evaluation is the one with the highest main metric of the task (train/glue/metrics.py). Everything
-else (checkpoints, resume, SIGTERM, metrics.jsonl, TensorBoard, summary.json) is the runner's.
+the best evaluation is the one with the highest main metric of the task (train/glue/metrics.py). With
+`config.holdout_examples` = k > 0, k train examples (train/holdout.py, drawn after max_train_examples) stay out of
+training and each evaluation also scores them like one dev split, as `heldout_<metric>` (MNLI, whose train split
+mixes the matched genres only: `heldout_accuracy`, no _m / _mm suffix); the best evaluation is still chosen on dev.
+Everything else (checkpoints, resume, SIGTERM, metrics.jsonl, TensorBoard, summary.json) is the runner's.
 """
 
+import functools
 import os
 
 import jax
@@ -17,7 +21,7 @@ import optax
 
 import mtlora_jax as mt
 from configs import glue_common
-from train import batching, loop, runner
+from train import batching, holdout, loop, runner
 from train import mesh as mesh_lib
 from train import workdir as workdir_lib
 from train.glue import data as glue_data
@@ -27,7 +31,11 @@ from train.glue import tasks as glue_tasks
 
 
 def load_data(config) -> dict[str, glue_data.Examples]:
-    """The train split and every dev split of config.task, with the config's example caps; errors name the file."""
+    """The train split, every dev split of config.task and, with config.holdout_examples > 0, "heldout".
+
+    The caps apply first (max_train_examples, max_eval_examples); the held-out examples are then drawn from the
+    capped train split (`holdout.choose`) and "train" keeps the others in file order. Errors name the file or key.
+    """
     spec = glue_tasks.get_task(config.task)
     local = config.data_source == "local" or (config.data_source == "auto" and config.data_dir)
     if local and not os.path.isdir(os.path.join(config.data_dir, spec.folder)):
@@ -38,9 +46,21 @@ def load_data(config) -> dict[str, glue_data.Examples]:
     load = lambda split, cap: glue_data.load_task(
         config.task, split, data_dir=config.data_dir or None, source=config.data_source, max_examples=cap
     )
-    out = {"train": load("train", config.max_train_examples)}
+    train = load("train", config.max_train_examples)
+    out = {"train": train}
+    if config.holdout_examples:
+        what = f"{spec.name} train examples (max_train_examples={config.max_train_examples})"
+        held = holdout.choose(len(train), config.holdout_examples, config.holdout_seed, what)
+        out["train"] = train.select(np.setdiff1d(np.arange(len(train)), held))  # sorted: file order
+        out["heldout"] = train.select(held, split="heldout")
     out.update({split: load(split, config.max_eval_examples) for split in spec.dev_splits})
     return out
+
+
+def data_identity(data: dict) -> str:
+    """Digest of the training examples, and of the held-out ones when there are; without them it is the digest
+    of the training examples alone, as before the held-out split existed (such workdirs still resume)."""
+    return workdir_lib.digest(data["train"] if "heldout" not in data else (data["train"], data["heldout"]))
 
 
 def head(config, data) -> dict:
@@ -75,24 +95,37 @@ def make_loss_fn(module, regression: bool):
     return loss_fn
 
 
-def evaluate(eval_step, params, frozen, dev: dict, *, task: str, batch_size: int, buckets, mesh) -> dict:
-    """Dev metrics of every dev split (each example once), e.g. {"accuracy": ..., "f1": ...}."""
-    outputs = {}
-    for split, encoded in dev.items():
-        logits, labels, weights = [], [], []
-        for batch in pipeline.eval_batches(encoded, batch_size=batch_size, buckets=buckets):
-            logits.append(np.asarray(jax.device_get(eval_step(params, frozen, mesh_lib.shard_batch(batch, mesh)))))
-            labels.append(batch["labels"])
-            weights.append(batch["weights"])
-        outputs[split] = tuple(np.concatenate(x) for x in (logits, labels, weights))
-    return glue_metrics.dev_metrics(task, outputs)
+def predict_split(eval_step, params, frozen, encoded, *, batch_size: int, buckets, mesh) -> tuple:
+    """Head outputs over one pass of `encoded` (each example once, in eval-plan order, plus padding rows).
+
+    Returns:
+      (logits [rows, classes] (STS-B: [rows]), labels [rows], weights [rows]: 0 for padding rows).
+    """
+    logits, labels, weights = [], [], []
+    for batch in pipeline.eval_batches(encoded, batch_size=batch_size, buckets=buckets):
+        logits.append(np.asarray(jax.device_get(eval_step(params, frozen, mesh_lib.shard_batch(batch, mesh)))))
+        labels.append(batch["labels"])
+        weights.append(batch["weights"])
+    return tuple(np.concatenate(x) for x in (logits, labels, weights))
+
+
+def evaluate(eval_step, params, frozen, dev: dict, *, task: str, batch_size: int, buckets, mesh,
+             heldout=None) -> dict:  # fmt: skip
+    """Dev metrics of every dev split, e.g. {"accuracy": ..., "f1": ...}, and with `heldout` (the encoded
+    held-out train examples) the task's metrics on them as one split: {"heldout_accuracy": ..., ...}."""
+    run = lambda encoded: predict_split(eval_step, params, frozen, encoded, batch_size=batch_size, buckets=buckets,
+                                        mesh=mesh)  # fmt: skip
+    metrics = glue_metrics.dev_metrics(task, {split: run(encoded) for split, encoded in dev.items()})
+    if heldout is not None:
+        metrics.update(holdout.prefixed(glue_metrics.compute_metrics(task, *run(heldout))))
+    return metrics
 
 
 def prepare(config, model, data: dict, mesh, workdir: str) -> runner.Task:
-    """Tokenizes the splits and binds the loss and the dev evaluation to `model`."""
+    """Tokenizes the splits and binds the loss and the dev (and held-out) evaluation to `model`."""
     spec = glue_tasks.get_task(config.task)
     encoded = {split: pipeline.encode(x, model.tokenizer, config.max_length) for split, x in data.items()}
-    train = encoded.pop("train")
+    train, heldout = encoded.pop("train"), encoded.pop("heldout", None)
     buckets = batching.from_config(config)  # bucket lengths or length-grouped (config.batching)
     micro = config.batch_size // config.grad_accum_steps
 
@@ -100,10 +133,9 @@ def prepare(config, model, data: dict, mesh, workdir: str) -> runner.Task:
         predict = lambda p, f, b: _forward(model.module, p, f, b)
         step = loop.make_eval_step(predict, mesh=placed.mesh, params_shardings=placed.params,
                                    frozen_shardings=placed.frozen)  # fmt: skip
-        return lambda params, frozen, before, at_step: (
-            evaluate(step, params, frozen, encoded, task=spec.name, batch_size=micro, buckets=buckets, mesh=mesh),
-            {},
-        )
+        score = functools.partial(evaluate, step, dev=encoded, heldout=heldout, task=spec.name, batch_size=micro,
+                                  buckets=buckets, mesh=mesh)  # fmt: skip
+        return lambda params, frozen, before, at_step: (score(params, frozen), {})
 
     return runner.Task(
         steps_per_epoch=batching.steps_per_epoch(train.lengths, buckets, config.batch_size),
@@ -114,14 +146,14 @@ def prepare(config, model, data: dict, mesh, workdir: str) -> runner.Task:
         make_evaluate=make_evaluate,
         main_metric=glue_metrics.main_metric(spec.name),
         summary={},
-        description=f"{len(train)} train examples, {buckets.describe()}",
+        description=f"{len(train)} train examples, {len(data.get('heldout', ()))} held out, {buckets.describe()}",
     )
 
 
 JOB = runner.Job(
     validate=glue_common.validate,
     load_data=load_data,
-    data_identity=lambda data: workdir_lib.digest(data["train"]),
+    data_identity=data_identity,
     head=head,
     prepare=prepare,
 )
