@@ -197,18 +197,22 @@ def score(task: str, hyps, refs, categories, seen) -> dict:
     return {**metrics, "NIST": "unavailable: nltk corpus_nist divides by zero (no output has 5 tokens)"}
 
 
-def evaluate(generate, params, eval_set: nlg_data.EvalSet, task: str, *, seen, workdir, name):
+def evaluate(generate, params, eval_set: nlg_data.EvalSet, task: str, *, seen, workdir, name, breakdown=True):
     """Decodes `eval_set`, scores it and writes <workdir>/<name>.{predictions.txt,references.txt,jsonl,metrics.json}.
 
     Args:
       generate: from `make_generate`. params: the full (adapted) params. task: "e2e", "webnlg" or "dart".
       seen: WebNLG's training categories (empty for E2E / DART). name: the output file prefix.
+      breakdown: WebNLG's seen / unseen scores too; False keeps the whole set's only (the held-out train inputs,
+        whose categories are all seen).
 
     Returns:
       (numbers, unavailable) as `flat_metrics`.
     """
     hyps = generate(params, eval_set.contexts)
     metrics = score(task, hyps, eval_set.references, eval_set.categories, seen)
+    if not breakdown and "all" in metrics:  # WebNLG: {"all", "seen", "unseen"} -> the "all" scores
+        metrics = metrics["all"]
     if mesh_lib.is_main_process():
         nlg_metrics.write_outputs(workdir, name, eval_set.contexts, hyps, eval_set.references, metrics)
     return flat_metrics(metrics)

@@ -7,28 +7,40 @@ eos` (train/nlg/data.py); the loss is the label-smoothed cross-entropy on the ta
 with adapter dropout from `mt.apply(..., rng=...)`. Batches are padded to a few length buckets, or length-grouped
 (`config.batching`, train/batching.py).
 Each evaluation decodes the eval split and scores it (train/nlg/evaluation.py); the best is the highest BLEU.
+With `config.holdout_examples` = k > 0, k distinct train inputs (train/holdout.py), each with all its references,
+stay out of training (max_train_examples / train_subset then pick from the rest) and each evaluation also decodes
+them with the same settings and scores them as `heldout_<metric>` (`heldout_bleu`; no seen / unseen breakdown),
+written to <workdir>/train_heldout.* (train_heldout_before.* for the base model); the best is still the eval
+split's.
 The loop, checkpoints, resume, SIGTERM, logging and summary.json are the runner's (train/runner.py); the job's
 summary fields: "eval_split", "eval_inputs", "train_examples" and, per evaluation, "metrics_unavailable".
 """
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import numpy as np
 
 import mtlora_jax as mt
 from configs import nlg_common
-from train import batching, lm, runner
+from train import batching, holdout, lm, runner
 from train import workdir as workdir_lib
 from train.nlg import data as nlg_data
 from train.nlg import evaluation as nlg_eval
 
+# The file prefix of the held-out inputs' decode outputs in the workdir (beside the eval split's "test.*").
+HELDOUT_NAME = "train_heldout"
+
 
 class Data(NamedTuple):
-    """The examples of a run: training examples, the eval inputs with their references, WebNLG's seen categories."""
+    """The examples of a run: training examples, the eval inputs with their references, WebNLG's seen categories,
+    and the held-out train inputs with theirs (None when config.holdout_examples is 0)."""
 
     train: list
     eval_set: nlg_data.EvalSet
     seen: frozenset
+    heldout: nlg_data.EvalSet | None = None
 
 
 def subset(n: int, m: int, how: str) -> list[int]:
@@ -49,13 +61,39 @@ def eval_subset(eval_set: nlg_data.EvalSet, m: int, how: str) -> nlg_data.EvalSe
     return nlg_data.EvalSet(pick(eval_set.contexts), pick(eval_set.references), pick(eval_set.categories))
 
 
+def hold_out(examples, k: int, seed: int, task: str) -> tuple[list, nlg_data.EvalSet | None]:
+    """(the examples whose input is not held out, in file order; the k held-out inputs with all their references).
+
+    The inputs are the distinct contexts of `examples`, in file order; `holdout.choose` picks k of them, and every
+    example of a held-out context is held out (a table listed twice, under two groups, too). k = 0: (all, None).
+
+    Raises:
+      ValueError: k >= the number of distinct inputs, naming config.holdout_examples.
+    """
+    if not k:
+        return list(examples), None
+    contexts = list(dict.fromkeys(ex.context for ex in examples))  # distinct inputs in file order
+    held = {contexts[i] for i in holdout.choose(len(contexts), k, seed, f"distinct {task} train inputs")}
+    number = {c: i for i, c in enumerate(contexts)}  # one group per context: group_references merges all its refs
+    held_out = [dataclasses.replace(ex, group=number[ex.context]) for ex in examples if ex.context in held]
+    return [ex for ex in examples if ex.context not in held], nlg_data.group_references(held_out)
+
+
 def load_data(config) -> Data:
-    """The training examples (max_train_examples by train_subset) and the eval inputs (eval_max_examples)."""
+    """The training examples (holdout_examples inputs out, then max_train_examples by train_subset), the eval
+    inputs (eval_max_examples) and the held-out train inputs (`hold_out`)."""
     train_all = nlg_data.load_split(config.task, config.data_dir, "train")
     seen = nlg_data.seen_categories(train_all) if config.task == "webnlg" else frozenset()
-    train = [train_all[i] for i in subset(len(train_all), config.max_train_examples, config.train_subset)]
+    pool, heldout = hold_out(train_all, config.holdout_examples, config.holdout_seed, config.task)
+    train = [pool[i] for i in subset(len(pool), config.max_train_examples, config.train_subset)]
     eval_all = nlg_data.group_references(nlg_data.load_split(config.task, config.data_dir, config.eval_split))
-    return Data(train, eval_subset(eval_all, config.eval_max_examples, config.eval_subset), seen)
+    return Data(train, eval_subset(eval_all, config.eval_max_examples, config.eval_subset), seen, heldout)
+
+
+def data_identity(data: Data) -> str:
+    """Digest of the training examples, and of the held-out inputs when there are; without them it is the digest
+    of the training examples alone, as before the held-out split existed (such workdirs still resume)."""
+    return workdir_lib.digest(data.train if data.heldout is None else (data.train, data.heldout))
 
 
 def head(config, data) -> dict:
@@ -106,14 +144,16 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
     split_name = nlg_data.SPLITS[config.eval_split]
 
     def evaluate(params, frozen, before: bool, step: int):
-        full = mt.combine(params, frozen)
-        name = f"{split_name}_before" if before else split_name
-        numbers, unavailable = nlg_eval.evaluate(
-            generate, full, data.eval_set, config.task, seen=data.seen, workdir=workdir, name=name
-        )
+        full, suffix = mt.combine(params, frozen), "_before" if before else ""
+        run = functools.partial(nlg_eval.evaluate, generate, full, task=config.task, seen=data.seen, workdir=workdir)
+        numbers, unavailable = run(data.eval_set, name=split_name + suffix)
+        if data.heldout is not None:  # the held-out train inputs, decoded the same way: heldout_<metric>
+            held, why = run(data.heldout, name=HELDOUT_NAME + suffix, breakdown=False)
+            numbers, unavailable = {**numbers, **holdout.prefixed(held)}, {**unavailable, **holdout.prefixed(why)}
         return numbers, {"metrics_unavailable": unavailable}
 
     n_eval = len(data.eval_set.contexts)
+    n_held = 0 if data.heldout is None else len(data.heldout.contexts)
     return runner.Task(
         steps_per_epoch=batching.steps_per_epoch(lengths, buckets, config.batch_size),
         train_batches=lambda start: train_batches(
@@ -123,14 +163,15 @@ def prepare(config, model, data: Data, mesh, workdir: str) -> runner.Task:
         make_evaluate=lambda placed: evaluate,
         main_metric="bleu",
         summary={"eval_split": split_name, "eval_inputs": n_eval, "train_examples": len(seqs)},
-        description=f"{len(seqs)} train examples, {buckets.describe()}; {n_eval} {config.eval_split} inputs to decode",
+        description=f"{len(seqs)} train examples, {buckets.describe()}; {n_eval} {config.eval_split} and {n_held} "
+        "held-out train inputs to decode",
     )
 
 
 JOB = runner.Job(
     validate=nlg_common.validate,
     load_data=load_data,
-    data_identity=lambda data: workdir_lib.digest(data.train),
+    data_identity=data_identity,
     head=head,
     prepare=prepare,
 )
