@@ -22,6 +22,8 @@ import ml_collections
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STRUCTURES = ("lora", "shim", "icfm", "ctcm", "dtsm")
+# Starts of C and D (mtlora_jax.structures.C_INITS; tests/test_configs.py checks they agree).
+C_INITS = ("kaiming_uniform", "identity", "near_identity", "zeros")
 DTYPES = ("float32", "bfloat16")
 # Adapter target presets; the regexes per model family live in mtlora_jax.models.presets.targets(preset, family).
 TARGET_PRESETS = ("mtlora-paper", "lora-qv", "all-linear")
@@ -169,6 +171,10 @@ def mtlora_config(*, rank: int, alpha: float, dropout: float) -> ml_collections.
     m = ml_collections.ConfigDict()
     # Transformation T between A and B: "lora" (T = I), "shim", "icfm", "ctcm", "dtsm".
     m.structure = "shim"
+    # Start of C (and D): "kaiming_uniform" (the reference's U(±1/sqrt(r))), "identity" (T = I at init, as the
+    # authors' newer README advises: C = I, D = I for ctcm, D = 0 for dtsm), "near_identity" or "zeros"
+    # (mtlora_jax/structures.py:init_cd); LoRA has no C and ignores it.
+    m.c_init = "kaiming_uniform"
     # Adapter rank r.
     m.rank = rank
     # Scale numerator: dW = alpha / rank * B T A.
@@ -236,6 +242,7 @@ def check_scale_out(c: ml_collections.ConfigDict) -> None:
 def check_mtlora(m: ml_collections.ConfigDict) -> None:
     """Checks the `config.mtlora` block; raises naming the key."""
     check(m.structure in STRUCTURES, "mtlora.structure", m.structure, f"one of {', '.join(STRUCTURES)}")
+    check(m.c_init in C_INITS, "mtlora.c_init", m.c_init, f"one of {', '.join(C_INITS)}")
     check(m.rank > 0, "mtlora.rank", m.rank, "> 0")
     check(m.alpha > 0, "mtlora.alpha", m.alpha, "> 0")
     check(0 <= m.dropout < 1, "mtlora.dropout", m.dropout, "in [0, 1)")

@@ -53,7 +53,7 @@ REQUIRED = {
     "max_eval_examples",
     "mtlora",
 }
-MTLORA = {"structure", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
+MTLORA = {"structure", "c_init", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
 # ../shared/REFERENCE.md: lr, epochs, global batch (per-GPU x 2 where the reference used 2 GPUs).
 RECIPES = {
     "mnli": (5e-4, 30, 32),
@@ -179,6 +179,7 @@ def test_command_line_typo_fails():
         ("max_eval_examples", 0, r"config.max_eval_examples=0: expected -1 \(all\) or > 0"),
         ("holdout_examples", -1, r"config.holdout_examples=-1: expected an int >= 0"),
         ("mtlora.structure", "diag", r"config.mtlora.structure='diag': expected one of lora, shim, icfm, ctcm, dtsm"),
+        ("mtlora.c_init", "eye", r"config.mtlora.c_init='eye': expected one of kaiming_uniform, identity"),
         ("mtlora.rank", 0, r"config.mtlora.rank=0"),
         ("mtlora.targets_preset", "qkv", r"config.mtlora.targets_preset='qkv'"),
         ("mtlora.extra_targets", ("(unclosed",), r"config.mtlora.extra_targets: '\(unclosed' is not a regex"),
@@ -230,3 +231,29 @@ def test_target_presets_are_the_library_presets():
     """configs only names presets; their regexes come from mtlora_jax.models.presets (one source of truth)."""
     presets = pytest.importorskip("mtlora_jax.models.presets")
     assert set(base.TARGET_PRESETS) == set(presets.PRESETS)
+    structures = pytest.importorskip("mtlora_jax.structures")
+    assert base.C_INITS == structures.C_INITS
+
+
+def test_mtlora_c_init_reaches_the_adapters_and_old_configs_keep_the_reference_start():
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    import mtlora_jax as mt
+    from train import model as model_lib
+
+    c = glue_common.task_config("mrpc", "smoke", learning_rate=1e-3, num_epochs=1, batch_size=4)
+    assert c.mtlora.c_init == "kaiming_uniform"
+    with c.unlocked():
+        c.mtlora.structure, c.mtlora.c_init = "ctcm", "identity"
+    cfg = model_lib.mtlora_config(c, "bert")
+    assert cfg.c_init == "identity"
+    base_params = {"attention": {"query": {"kernel": np.ones((12, 12), np.float32)}}}
+    cfg = dataclasses.replace(cfg, targets=(r".*kernel",), fused={})
+    adapted = mt.init(base_params, cfg, jax.random.key(0))["attention"]["query"]
+    assert np.array_equal(adapted["kernel"].c, np.eye(8)) and np.array_equal(adapted["kernel"].d, np.eye(8))
+    old = ml_collections.ConfigDict(c.to_dict())  # a config.json saved before the key existed
+    del old.mtlora["c_init"]
+    assert model_lib.mtlora_config(old, "bert").c_init == "kaiming_uniform"

@@ -29,7 +29,7 @@ REQUIRED = {
     "mtlora", "grad_accum_steps", "warmup_ratio", "init_from", "compilation_cache_dir", "batching", "pad_multiple",
     "holdout_examples", "holdout_seed",
 }  # fmt: skip
-MTLORA = {"structure", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
+MTLORA = {"structure", "c_init", "rank", "alpha", "dropout", "targets_preset", "extra_targets", "extra_trainable"}
 # REFERENCE.md: length penalty 0.9 for E2E, 0.8 for WebNLG and DART.
 LENGTH_PENALTY = {"e2e": 0.9, "webnlg": 0.8, "dart": 0.8}
 # Published anchors quoted in each docstring (LoRA GPT-2 M; MTLoRA's gain over LoRA).

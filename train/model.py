@@ -114,6 +114,7 @@ def mtlora_config(config, family: str) -> mt.MTLoRAConfig:
         rank=m.rank,
         alpha=m.alpha,
         structure=m.structure,
+        c_init=m.get("c_init", "kaiming_uniform"),  # a config.json saved before the key existed
         targets=models.targets(m.targets_preset, family) + tuple(m.extra_targets),
         dropout=m.dropout,
         fused=models.fused(m.targets_preset, family),

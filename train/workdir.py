@@ -30,13 +30,15 @@ IDENTITY_KEYS = (
     "init_from",
     "scan_layers", "grad_accum_steps", "batch_size", "length_buckets", "batching", "pad_multiple", "packing",
     "label_smoothing", "learning_rate", "warmup_steps", "warmup_ratio", "weight_decay", "mtlora.structure",
-    "mtlora.rank", "mtlora.alpha", "mtlora.dropout", "mtlora.targets_preset", "mtlora.extra_targets",
+    "mtlora.c_init", "mtlora.rank", "mtlora.alpha", "mtlora.dropout", "mtlora.targets_preset", "mtlora.extra_targets",
     "mtlora.extra_trainable", "holdout_examples", "holdout_seed",
 )  # fmt: skip
 
 
 # The value an identity key had in every run recorded before the key existed: such a workdir is compared on it.
-LEGACY_IDENTITY = {"batching": "buckets", "holdout_examples": 0, "holdout_seed": 0}
+LEGACY_IDENTITY = {
+    "batching": "buckets", "mtlora.c_init": "kaiming_uniform", "holdout_examples": 0, "holdout_seed": 0,
+}  # fmt: skip
 
 
 class WorkdirInUse(OSError):
