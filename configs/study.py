@@ -18,6 +18,13 @@ Arguments (`--config configs/study.py:<arg>`):
            sets), and SmolLM2-135M on 2,000 WebNLG training examples with greedy decoding of 100 test inputs; 3
            seeds; sized for a 2-core CPU (docs/RESULTS.md states the measured cost). No expected scores: measuring
            them is the point.
+  round2   the second round (docs/RESULTS_round2.md): MiniLM on MRPC, STS-B (2 epochs each) and the SST-2 subset (1
+           epoch), SmolLM2 on WebNLG as in `offline`; rows lora, shim, icfm, ctcm, dtsm and ctcm-id, dtsm-id (T = I at
+           init, mtlora.c_init=identity); a learning-rate sweep (3e-4, 1e-3, 3e-3 with seed 0, one more rate past an
+           edge) whose best rate per row is chosen on a held-out part of train (holdout_examples), then seeds 1, 2 at
+           that rate (train/study/sweep.py). About 12 CPU hours on a 2-core CPU, run in parts:
+             nohup python -m train.study --config configs/study.py:round2 --commit --max_hours 2.5 > round2.log 2>&1 &
+             python -m train.study.report --config configs/study.py:round2
   gpu      the papers' settings, for accelerators with internet: RoBERTa-base on all 8 GLUE tasks (configs/<task>.py,
            MRPC / RTE / STS-B start from the same row's MNLI adapters, as the reference does) and GPT-2 medium on
            E2E, WebNLG, DART (configs/<task>.py on the LoRA repository's data: --config.nlg_data_dir, default
@@ -35,6 +42,8 @@ import ml_collections
 from configs import base
 
 STRUCTURES = ("lora", "shim", "icfm", "ctcm", "dtsm")
+# Round 2's rows: the structures, and CTCM / DTSM started at T = I (c_init="identity", the authors' newer advice).
+ROUND2_ROWS = (*STRUCTURES, "ctcm-id", "dtsm-id")
 # Trainable [r, r] matrices of T per structure (mtlora_jax/structures.py: T = I, C, C Cᵀ, C D, C + D).
 NUM_MATS = {"lora": 0, "shim": 1, "icfm": 1, "ctcm": 2, "dtsm": 2}
 # Model sizes: hidden, FFN, q/v output width (GQA: kv heads x head dim), layers.
@@ -151,6 +160,52 @@ def _offline() -> ml_collections.ConfigDict:
     return tasks
 
 
+# Round 2 (issue 20): the tasks round 1 learned, budgets in epochs (>= 2 for MRPC and STS-B), a held-out part of
+# train to choose each row's learning rate on, and length-grouped batches (today's default: less padding, faster).
+# learning_rate comes from the sweep (configs/study.py:round2 learning_rates).
+_GLUE_ROUND2 = (
+    "num_train_steps=-1", "batch_size=16", "max_length=128", "batching=length_grouped", "pad_multiple=16",
+    "warmup_ratio=0.06", "weight_decay=0.1", "eval_every_steps=-1", "checkpoint_every_steps=100",
+    "keep_checkpoints=1", "log_every_steps=10", "mtlora.rank=8", "mtlora.alpha=16.0", "mtlora.dropout=0.0",
+    "mtlora.targets_preset=mtlora-paper", "mesh.data=1", "holdout_seed=0",
+)  # fmt: skip
+# WebNLG as in round 1 (60 steps, greedy decoding of 100 test inputs) plus 50 held-out training inputs (all their
+# references) that are decoded and scored at the end as well.
+_NLG_ROUND2 = tuple(f for f in _NLG_OFFLINE if not f.startswith("learning_rate=")) + (
+    "holdout_examples=50",
+    "holdout_seed=0",
+)
+
+
+def _round2() -> ml_collections.ConfigDict:
+    glue = lambda task, metric, *more, desc, constant=None: _task(
+        "glue", f"configs/{task}.py:minilm", metric, "minilm", _GLUE_ROUND2 + more, rank=8, description=desc,
+        constant=constant,
+    )  # fmt: skip
+    tasks = ml_collections.ConfigDict()
+    tasks.sst2 = glue(
+        "sst2", "accuracy", "max_train_examples=5000", "holdout_examples=500", "num_epochs=1",
+        desc="SST-2: first 5,000 of 67,349 train sentences, 500 of them held out (4,500 train, 1 epoch = 282 "
+        "steps), dev 872", constant=100 * 444 / 872,
+    )  # fmt: skip
+    tasks.mrpc = glue(
+        "mrpc", "accuracy", "holdout_examples=400", "num_epochs=2",
+        desc="MRPC: 3,668 train pairs, 400 held out (3,268 train, 2 epochs = 410 steps), dev 408; accuracy",
+        constant=100 * 279 / 408,
+    )  # fmt: skip
+    tasks.stsb = glue(
+        "stsb", "pearson", "holdout_examples=500", "num_epochs=2",
+        desc="STS-B: 5,749 train pairs, 500 held out (5,249 train, 2 epochs = 658 steps), dev 1,500; Pearson corr.",
+    )  # fmt: skip
+    tasks.webnlg = _task(
+        "nlg", "configs/webnlg.py:smollm", "bleu", "smollm2-135m", _NLG_ROUND2, rank=4,
+        description="WebNLG 2017: 50 training inputs (all their references) held out, 2,000 train examples spread "
+        "over the rest; greedy decoding of 100 test inputs spread over the file (seen and unseen categories); BLEU "
+        "(all)",
+    )  # fmt: skip
+    return tasks
+
+
 def _gpu() -> ml_collections.ConfigDict:
     glue_flags = ("mtlora.targets_preset=mtlora-paper",)
     init = ("init_from={runs_dir}/mnli-{row}-s{seed}",)  # the reference starts MRPC, RTE, STS-B from MNLI
@@ -180,9 +235,10 @@ def _smoke() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The study grid; arg: "offline" (default), "gpu" or "smoke" (see the module docstring)."""
-    variant = base.parse_arg(arg, offline=False, gpu=False, smoke=False)
-    chosen = [name for name in ("offline", "gpu", "smoke") if variant[name]] or ["offline"]
+    """The study grid; arg: "offline" (default), "round2", "gpu" or "smoke" (see the module docstring)."""
+    names = ("offline", "round2", "gpu", "smoke")
+    variant = base.parse_arg(arg, **dict.fromkeys(names, False))
+    chosen = [name for name in names if variant[name]] or ["offline"]
     if len(chosen) > 1:
         raise ValueError(f"config arguments {' and '.join(chosen)} exclude each other")
     grid = chosen[0]
@@ -198,16 +254,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Where train.study.report writes the report and its figures.
     c.report = "docs/RESULTS.md" if grid == "offline" else f"docs/RESULTS_{grid}.md"
     c.figures_dir = "docs/figures" if grid == "offline" else f"docs/figures/{grid}"
-    # Structures compared (each also a row of the report).
-    c.structures = ("lora", "shim") if grid == "smoke" else STRUCTURES
+    # Rows compared: structures, and "<structure>-id" for a structure started at T = I (mtlora.c_init=identity).
+    c.structures = {"smoke": ("lora", "shim"), "round2": ROUND2_ROWS}.get(grid, STRUCTURES)
     # Seeds (parameter init, dropout, data order); the paired tests pair runs by seed.
     c.seeds = (0, 1) if grid == "smoke" else (0, 1, 2)
     # Add the parameter-matched LoRA row (LoRA on q, v at each task's matched_rank).
-    c.matched_row = True
-    # Environment of the runs (KEY=VALUE); the offline grid must never reach the network.
+    c.matched_row = grid != "round2"
+    # A learning-rate sweep (train/study/sweep.py): each row runs these rates with the first seed, is scored on
+    # select_prefix + the task's metric (the held-out part of train), may add max_extra_rates rates beyond an edge
+    # of the sweep, and runs the other seeds at its best rate. () = one rate, the task's flags' own.
+    c.learning_rates = (3e-4, 1e-3, 3e-3) if grid == "round2" else ()
+    c.select_prefix = "heldout_"
+    c.max_extra_rates = 1
+    # Environment of the runs (KEY=VALUE); the offline grids must never reach the network.
     c.env = () if grid == "gpu" else ("HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1")
     # LoRA-repo NLG data (the gpu grid's "{nlg_data_dir}"): git clone https://github.com/microsoft/LoRA ../LoRA.
     c.nlg_data_dir = "../LoRA/examples/NLG/data" if grid == "gpu" else ""
     # The tasks in run order: entry, config, metric, model, flags, base_row, matched_rank, description.
-    c.tasks = {"offline": _offline, "gpu": _gpu, "smoke": _smoke}[grid]()
+    c.tasks = {"offline": _offline, "round2": _round2, "gpu": _gpu, "smoke": _smoke}[grid]()
     return c

@@ -5,6 +5,8 @@ spectra.png             singular values of ΔW normalized by the largest, mean o
 spectra_layers_<t>.png  the same per module (rows) and structure (columns), one line per layer
 norms_layers.png        ‖ΔW‖_F per layer (mean over modules and seeds), one panel per task
 eigenvalues.png         eigenvalues of T in the complex plane, one panel per MTLoRA structure, all layers and seeds
+lr_<task>.png           a sweep grid's score vs learning rate per row (first seed): held-out part of train (what
+                        chooses the rate, left) and dev (right); diverged runs are marked with x at the bottom
 """
 
 import collections
@@ -13,6 +15,8 @@ import os
 import numpy as np
 
 from train.study.stats import row_kind
+
+T_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")  # the structures with a trainable T
 
 
 def _plt():
@@ -83,6 +87,32 @@ def plot_curves(plt, config, results, tasks, kinds, path):
     return _save(fig, path)
 
 
+def plot_lr(plt, config, results, task, kinds, best, path):
+    """Score vs learning rate of `task`'s first-seed runs, per row; `best`: grid.best_rates."""
+    t = config.tasks[task]
+    fig, axes = _panels(plt, 2, width=5.0, height=3.6, ncols=2)
+    for ax, key, title in zip(axes, (config.select_prefix + t.metric, t.metric), ("held-out part of train", "dev"),
+                              strict=True):  # fmt: skip
+        for i, kind in enumerate(kinds):
+            runs = [r for r in results if r.run["task"] == task and r.run["row"] == kind and r.run.get("lr")]
+            runs = sorted((r for r in runs if r.run["seed"] == config.seeds[0]), key=lambda r: r.run["lr"])
+            ok = [r for r in runs if key in r.summary["metrics"]]
+            style = dict(color=f"C{i}", ls="--" if kind.endswith("-id") else "-")
+            ax.plot([r.run["lr"] for r in ok], [t.scale * r.summary["metrics"][key] for r in ok], marker="o", ms=3,
+                    label=kind, **style)  # fmt: skip
+            chosen = [r for r in ok if r.run["lr"] == best.get((task, kind), (None,))[0]]
+            if chosen:
+                ax.plot([chosen[0].run["lr"]], [t.scale * chosen[0].summary["metrics"][key]], marker="*", ms=11,
+                        color=f"C{i}", ls="none")  # fmt: skip
+            bad = [r.run["lr"] for r in runs if r.summary.get("diverged")]
+            if bad:
+                ax.plot(bad, [0.0] * len(bad), marker="x", color=f"C{i}", ls="none", transform=ax.get_xaxis_transform())
+        ax.set(xscale="log", title=f"{task}: {title}", xlabel="learning rate", ylabel=f"{t.metric} (points)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("stars: each row's chosen rate (best on the held-out part)", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_spectra(plt, results, tasks, kinds, path):
     fig, axes = _panels(plt, len(tasks))
     for ax, task in zip(axes, tasks, strict=True):
@@ -144,14 +174,15 @@ def plot_norms(plt, results, tasks, kinds, path):
 
 
 def plot_eigenvalues(plt, results, tasks, path):
-    structures = [s for s in ("shim", "icfm", "ctcm", "dtsm") if any(r.run["structure"] == s for r in results)]
+    # One panel per MTLoRA row (a structure, or one started at T = I: "ctcm-id").
+    structures = [k for k in dict.fromkeys(r.run["row"] for r in results) if k.split("-")[0] in T_STRUCTURES]
     fig, axes = _panels(plt, max(len(structures), 1), width=3.6, height=3.4, ncols=4)
     for ax, s in zip(axes, structures, strict=False):
         for task in tasks:
             zs = [
                 complex(*z)
                 for r in results
-                if r.run["task"] == task and r.run["structure"] == s and r.analysis
+                if r.run["task"] == task and r.run["row"] == s and r.analysis
                 for a in r.analysis["adapters"]
                 if a["t_eig"]
                 for z in a["t_eig"]
@@ -166,13 +197,21 @@ def plot_eigenvalues(plt, results, tasks, path):
     return _save(fig, path)
 
 
-def plot_all(config, results, figures_dir: str) -> dict[str, str]:
-    """Writes every figure into `figures_dir`; returns {title: path}."""
+def plot_all(config, results, figures_dir: str, sweep_results=(), best=None) -> dict[str, str]:
+    """Writes every figure into `figures_dir`; returns {title: path}. A sweep grid passes its first-seed runs at
+    every rate (`sweep_results`) and its chosen rates (`best`: grid.best_rates); `results` are then the runs at
+    the chosen rates."""
     plt = _plt()
     os.makedirs(figures_dir, exist_ok=True)
     tasks, kinds = _tasks_kinds(config, results)
     join = lambda name: os.path.join(figures_dir, name)
-    out = {"Dev metric vs step": plot_curves(plt, config, results, tasks, kinds, join("curves.png"))}
+    out = {}
+    sweep_tasks, sweep_kinds = _tasks_kinds(config, sweep_results)
+    for task in sweep_tasks:
+        name = f"Score vs learning rate: {task}"
+        out[name] = plot_lr(plt, config, sweep_results, task, sweep_kinds, best or {}, join(f"lr_{task}.png"))
+    if tasks:
+        out["Dev metric vs step"] = plot_curves(plt, config, results, tasks, kinds, join("curves.png"))
     analyzed = [t for t in tasks if any(r.run["task"] == t and r.analysis for r in results)]
     if analyzed:
         out["Normalized ΔW spectra"] = plot_spectra(plt, results, analyzed, kinds, join("spectra.png"))
