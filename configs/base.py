@@ -171,9 +171,8 @@ def mtlora_config(*, rank: int, alpha: float, dropout: float) -> ml_collections.
     m = ml_collections.ConfigDict()
     # Transformation T between A and B: "lora" (T = I), "shim", "icfm", "ctcm", "dtsm".
     m.structure = "shim"
-    # Start of C (and D): "kaiming_uniform" (the reference's U(±1/sqrt(r))), "identity" (T = I at init, as the
-    # authors' newer README advises: C = I, D = I for ctcm, D = 0 for dtsm), "near_identity" or "zeros"
-    # (mtlora_jax/structures.py:init_cd); LoRA has no C and ignores it.
+    # Start of C and D (structures.init_cd): "kaiming_uniform" (the reference), "identity" (T = I, the authors' newer
+    # advice: C = I; D = I for ctcm, 0 for dtsm), "near_identity" or "zeros"; LoRA has no C and ignores it.
     m.c_init = "kaiming_uniform"
     # Adapter rank r.
     m.rank = rank
@@ -282,12 +281,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     check(c.weight_decay >= 0, "weight_decay", c.weight_decay, ">= 0")
     check(c.dtype in DTYPES, "dtype", c.dtype, f"one of {', '.join(DTYPES)}")
     check(c.eval_every_steps >= -1, "eval_every_steps", c.eval_every_steps, "> 0, -1 (each epoch) or 0 (at the end)")
-    check(
-        c.checkpoint_every_steps == -1 or c.checkpoint_every_steps > 0,
-        "checkpoint_every_steps",
-        c.checkpoint_every_steps,
-        "> 0, or -1 (at every evaluation)",
-    )
+    check(c.checkpoint_every_steps == -1 or c.checkpoint_every_steps > 0, "checkpoint_every_steps",
+          c.checkpoint_every_steps, "> 0, or -1 (at every evaluation)")  # fmt: skip
     for key in ("keep_checkpoints", "log_every_steps"):
         check(isinstance(c[key], int) and c[key] > 0, key, c[key], "a positive int")
     check(c.max_train_examples == -1 or c.max_train_examples > 0, "max_train_examples", c.max_train_examples,
