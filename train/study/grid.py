@@ -13,30 +13,23 @@ entry's own checkpoint resume makes a killed run continue where it stopped. A fi
 median step time); with --commit that folder alone is committed. Runs whose results/<run_id>/summary.json
 exists are skipped, so a crashed or time-boxed grid continues where it stopped. --max_hours: no new run starts
 after that many hours. SIGTERM / Ctrl-C: the running entry checkpoints (it handles SIGTERM) and the driver stops.
-Runs share a persistent XLA compilation cache (config.cache_dir): the seeds of one cell compile once.
+Runs share a persistent XLA compilation cache (config.cache_dir): the seeds of one cell compile once. A sweep
+grid (config.learning_rates) plans each row's rates and then its seeds at the chosen rate (train/study/sweep.py);
+running and collecting one run is train/study/collect.py.
 """
 
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import shutil
-import signal
-import subprocess
 import sys
 import time
 
-import numpy as np
 from absl import logging
 
-from train import analyze, run_log
-from train.study import sweep
+from train.study import collect, sweep
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Copied from a finished run's workdir into results/<run_id>/ (all small; never checkpoints).
-COPIED = ("summary.json", "config.json", run_log.METRICS_FILE, analyze.ANALYSIS_JSON, analyze.ANALYSIS_NPZ)
-RUN_JSON = "run.json"
+REPO = collect.REPO
+RUN_JSON = collect.RUN_JSON  # run.json of a collected run (train/study/collect.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,124 +145,21 @@ def is_done(run: Run, results_dir: str) -> bool:
     return os.path.isfile(os.path.join(results_dir, run.run_id, "summary.json"))
 
 
-def step_time(records: list[dict]) -> float | None:
-    """Median seconds per train step from metrics.jsonl train records (steps_per_s over each log interval,
-    evaluations and checkpoints excluded by the entries); the first interval (compiles) is dropped."""
-    rates = [r["steps_per_s"] for r in records if r.get("kind") == "train" and r.get("steps_per_s", 0) > 0]
-    rates = rates[1:] if len(rates) > 1 else rates
-    return float(np.median(1.0 / np.asarray(rates))) if rates else None
-
-
-def _machine() -> dict:
-    cpu = platform.processor()
-    if os.path.isfile("/proc/cpuinfo"):
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cpus": os.cpu_count(), "load_avg": list(os.getloadavg()), "platform": platform.platform()}
-
-
-def _git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def collect(run: Run, workdir: str, results_dir: str, info: dict, diverged: str | None = None) -> str:
-    """Analyzes the run's final adapters and copies its small outputs into `<results_dir>/<run_id>/`.
-
-    The folder is written under a temporary name and renamed, so a summary.json in results means a complete folder.
-    A diverged run (`diverged`: its error line) gets no analysis, and a summary.json written here, not by the entry:
-    {"diverged": error, "metrics": {}}; its metrics.jsonl (the curve up to the divergence) is kept.
-
-    Returns:
-      The results folder.
-    """
-    has_checkpoint = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints"))
-    )
-    if has_checkpoint and not diverged:  # a 0-step (base) run has no adapters to analyze
-        analyze.analyze(workdir)
-    out = os.path.join(results_dir, run.run_id)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in COPIED:
-        if os.path.isfile(os.path.join(workdir, name)) and not (diverged and name == "summary.json"):
-            shutil.copy(os.path.join(workdir, name), os.path.join(tmp, name))
-    if diverged:
-        with open(os.path.join(tmp, "summary.json"), "w") as f:
-            json.dump({"diverged": diverged, "metrics": {}}, f, indent=1)
-    record = {
-        **dataclasses.asdict(run),
-        "command": command(run, os.path.relpath(workdir, REPO)),
-        "step_time_s": step_time(run_log.read_metrics(workdir)) if os.path.isdir(workdir) else None,
-        "finished_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": _git_commit(),
-        "machine": _machine(),
-        **info,
-    }
-    with open(os.path.join(tmp, RUN_JSON), "w") as f:
-        json.dump(record, f, indent=1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
-    return out
-
-
-def commit(folder: str, message: str, tries: int = 12) -> bool:
-    """`git add <folder> && git commit -m <message> -- <folder>`, retrying while another commit holds the index."""
-    rel = os.path.relpath(folder, REPO)
-    for _ in range(tries):
-        if not os.path.exists(os.path.join(REPO, ".git", "index.lock")):
-            add = subprocess.run(["git", "add", rel], cwd=REPO, capture_output=True, text=True)
-            done = (
-                add.returncode == 0
-                and not subprocess.run(
-                    ["git", "commit", "-q", "-m", message, "--", rel], cwd=REPO, capture_output=True, text=True
-                ).returncode
-            )
-            if done:
-                return True
-        time.sleep(5)
-    logging.warning("could not commit %s (git index busy or commit failed); commit it by hand", rel)
-    return False
-
-
-def execute(cmd: list[str], env: dict, log_path: str, stop) -> int:
-    """Runs `cmd` with stdout/stderr appended to `log_path`; forwards SIGTERM when `stop` is set. Returns its code."""
-    with open(log_path, "a") as log:
-        log.write(f"\n=== {datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ} {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sent = False
-        while proc.poll() is None:
-            if stop() and not sent:
-                proc.send_signal(signal.SIGTERM)  # the entry checkpoints and exits with 143
-                sent = True
-            time.sleep(1.0)
-        return proc.returncode
-
-
-def diverged(log_path: str) -> str | None:
-    """The non-finite-loss error of the last attempt in a run's log (train/loop.py:check_finite), else None."""
-    if not os.path.isfile(log_path):
-        return None
-    last = open(log_path, errors="replace").read().rsplit("\n=== ", 1)[-1]
-    lines = [ln for ln in last.splitlines() if ln.startswith("FloatingPointError:")]
-    return lines[-1] if lines else None
-
-
-def run_grid(config, *, commit_results: bool = False, max_hours: float = -1, only: str = "", runner=execute, stop=None):
+def run_grid(
+    config, *, commit_results: bool = False, max_hours: float = -1, only: str = "", runner=collect.execute, stop=None
+):
     """Runs every planned run that is not collected yet, in plan order; returns {"done", "skipped", "failed", ...}.
 
     The plan is read again after every run: a sweep grid plans a row's extra rates and its other seeds once the runs
     that decide them are collected. A failed run is not retried within one call; a diverged one (a non-finite loss)
-    is collected as diverged (`collect`).
+    is collected as diverged (`collect.collect`).
 
     Args:
       config: configs/study.py config.
       commit_results: commit each collected results folder (`commit`).
       max_hours: start no new run after this many hours (<= 0: no limit).
       only: run only run ids containing this substring ("" = all).
-      runner: `execute`-like callable (cmd, env, log_path, stop) -> return code (tests substitute it).
+      runner: `collect.execute`-like callable (cmd, env, log_path, stop) -> return code (tests substitute it).
       stop: callable -> bool; when it turns true the current run is asked to checkpoint and no new one starts.
     """
     stop = stop or (lambda: False)
@@ -296,16 +186,17 @@ def run_grid(config, *, commit_results: bool = False, max_hours: float = -1, onl
         start = time.monotonic()
         code = runner(command(run, workdir), env, log_path, stop)
         seconds = time.monotonic() - start
+        info = {"command": command(run, os.path.relpath(workdir, REPO)), "driver_seconds": seconds}
         if stop() and code != 0:  # asked to stop: the entry checkpointed (exit 143); a rerun resumes it
             logging.warning("%s: stopped after %.0f s (exit code %s); rerun to resume", run.run_id, seconds, code)
             counts["not_started"] += [r.run_id for r in left]
             break
-        error = diverged(log_path) if code != 0 else None
+        error = collect.diverged(log_path) if code != 0 else None
         if error:
-            folder = collect(run, workdir, results_dir, {"driver_seconds": seconds}, diverged=error)
+            folder = collect.collect(run, workdir, results_dir, info, diverged=error)
             logging.warning("%s: diverged after %.0f s (%s); collected as diverged", run.run_id, seconds, error)
             if commit_results:
-                commit(folder, f"study {config.grid}: {run.run_id} (diverged)")
+                collect.commit(folder, f"study {config.grid}: {run.run_id} (diverged)")
             counts["diverged"].append(run.run_id)
             continue
         if code != 0 or not os.path.isfile(os.path.join(workdir, "summary.json")):
@@ -313,10 +204,10 @@ def run_grid(config, *, commit_results: bool = False, max_hours: float = -1, onl
                           log_path)  # fmt: skip
             counts["failed"].append(run.run_id)
             continue
-        folder = collect(run, workdir, results_dir, {"driver_seconds": seconds})
+        folder = collect.collect(run, workdir, results_dir, info)
         metric = json.load(open(os.path.join(folder, "summary.json")))["metrics"].get(config.tasks[run.task].metric)
         logging.info("%s: done in %.0f s, %s = %s", run.run_id, seconds, config.tasks[run.task].metric, metric)
         if commit_results:
-            commit(folder, f"study {config.grid}: {run.run_id} ({config.tasks[run.task].metric} {metric})")
+            collect.commit(folder, f"study {config.grid}: {run.run_id} ({config.tasks[run.task].metric} {metric})")
         counts["done"].append(run.run_id)
     return counts

@@ -19,11 +19,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import study as study_config
 from train import analyze, run_log
 from train.study import figures as study_figures
 from train.study import grid as study
-from train.study import sweep_report
+from train.study import sweep_report, tables
 from train.study.figures import T_STRUCTURES
 from train.study.stats import (  # noqa: F401 (the report's numbers, re-exported for its readers)
     ALPHA,
@@ -78,34 +77,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _med(values) -> float:
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else float("nan")
-
-
-def spectrum_table(results: list[Result], tasks, kinds) -> list[list[str]]:
-    """Per task and row: stable rank, effective rank, ‖ΔW‖_F (means over matrices; mean over seeds), T eigenvalues."""
-    rows = []
-    for task in tasks:
-        for kind in kinds:
-            runs = [r for r in results if r.run["task"] == task and row_kind(r.run["row"]) == kind and r.analysis]
-            if not runs:
-                continue
-            per_run = lambda key, runs=runs: np.mean([np.mean([a[key] for a in r.analysis["adapters"]]) for r in runs])
-            eig = [a for r in runs for a in r.analysis["adapters"] if a["t_eig"] is not None]
-            zs = np.array([complex(*z) for a in eig for z in a["t_eig"]]) if eig else np.array([])
-            complex_frac = f"{np.mean(np.abs(zs.imag) > 1e-6 * np.abs(zs).max()):.2f}" if zs.size else "—"
-            min_re = f"{zs.real.min():.3g}" if zs.size else "—"
-            rows.append(
-                [
-                    task,
-                    row_label(kind),
-                    f"{per_run('stable_rank'):.2f}",
-                    f"{per_run('effective_rank'):.2f}",
-                    f"{per_run('frob_norm'):.3g}",
-                    min_re,
-                    complex_frac,
-                    str(len(runs)),
-                ]
-            )
-    return rows
 
 
 def _grid_text(config, results: list[Result], planned: list[study.Run]) -> list[str]:
@@ -203,7 +174,7 @@ def render(
             cols.append("—" if x is None else f"{x['diff']:+.1f} (p {_fmt_p(x['p'])})")
         diff_rows.append([row_label(kind), *cols])
     out += _table(["row", *tasks, "average"], diff_rows)
-    out += ["", "## Cost: trainable parameters and median step time", "", _matched_text(config, tasks), ""]
+    out += ["", "## Cost: trainable parameters and median step time", "", tables.matched_text(config, tasks), ""]
     cost = []
     for kind in kinds:
         cols = []
@@ -235,41 +206,13 @@ def render(
         "",
     ]
     header = ["task", "row", "stable rank", "effective rank", "‖ΔW‖_F", "min Re λ(T)", "complex λ(T)", "runs"]
-    out += _table(header, spectrum_table(results, tasks, kinds))
+    out += _table(header, tables.spectrum_table(results, tasks, kinds))
     out += ["", "## Figures", ""] + [f"![{name}]({path})" for name, path in figures.items()]
     collected = {x.run["run_id"] for x in (all_results if sweeping else results)}
     missing = [r.run_id for r in planned if r.run_id not in collected]
     out += ["", f"## Missing runs ({len(missing)} of {len(planned)})", ""]
     out.append("None: the grid is complete." if not missing else ", ".join(f"`{m}`" for m in missing))
     return "\n".join(out) + "\n"
-
-
-def _matched_text(config, tasks) -> str:
-    """Adapter parameters per layer of each row, and how close LoRA at the same rank already is to MTLoRA's."""
-    parts, excess, seen = [], [], set()
-    for task in tasks:
-        t = config.tasks[task]
-        rank = int(dict(f.split("=", 1) for f in t.flags).get("mtlora.rank", 0))
-        if not rank or (t.model, rank) in seen:
-            continue
-        seen.add((t.model, rank))
-        shapes = study_config.target_shapes(t.model, "mtlora-paper")
-        n = {s: study_config.adapter_params(shapes, rank, s) for s in study_config.STRUCTURES}
-        up = study_config.adapter_params(shapes, rank + 1, "lora")
-        qv = study_config.adapter_params(study_config.target_shapes(t.model, "lora-qv"), t.matched_rank, "lora")
-        excess.append(max(n.values()) / n["lora"] - 1)
-        parts.append(
-            f"{t.model} (r={rank}): LoRA {n['lora']:,}, SHIM/ICFM {n['shim']:,}, CTCM/DTSM {n['ctcm']:,}, "
-            f"LoRA r={rank + 1} {up:,}; matched LoRA q,v r={t.matched_rank} {qv:,}"
-        )
-    if not parts:
-        return ""
-    return (
-        "Parameter matching (adapter parameters per layer, configs/study.py:matched_rank): " + "; ".join(parts) + ". "
-        f"MTLoRA's T adds at most {100 * max(excess):.1f}% to LoRA at the same rank and targets, so that LoRA row is "
-        "already the parameter-matched one; the matched row spends the MTLoRA budget on q, v only (the LoRA paper's "
-        "placement, which the MTLoRA paper compares against at rank r)."
-    )
 
 
 def write_report(config, results_dir: str, out: str, figures_dir: str) -> str:
