@@ -135,11 +135,16 @@ _NLG_OFFLINE = (
 )  # fmt: skip
 
 
-def _offline() -> ml_collections.ConfigDict:
-    glue = lambda task, metric, *more, desc, constant=None: _task(
-        "glue", f"configs/{task}.py:minilm", metric, "minilm", _GLUE_OFFLINE + more, rank=8, description=desc,
+def _minilm_glue(shared: tuple[str, ...]):
+    """glue(task, metric, *flags, desc, constant): a MiniLM GLUE task with the grid's `shared` flags, then `flags`."""
+    return lambda task, metric, *more, desc, constant=None: _task(
+        "glue", f"configs/{task}.py:minilm", metric, "minilm", shared + more, rank=8, description=desc,
         constant=constant,
     )  # fmt: skip
+
+
+def _offline() -> ml_collections.ConfigDict:
+    glue = _minilm_glue(_GLUE_OFFLINE)
     tasks = ml_collections.ConfigDict()
     # constant: majority-class accuracy of the official dev sets (any constant has MCC 0); tests/test_study.py checks.
     tasks.cola = glue("cola", "mcc", desc="CoLA: all 8,551 train sentences, dev 1,043; Matthews corr.", constant=0.0)
@@ -178,10 +183,7 @@ _NLG_ROUND2 = tuple(f for f in _NLG_OFFLINE if not f.startswith("learning_rate="
 
 
 def _round2() -> ml_collections.ConfigDict:
-    glue = lambda task, metric, *more, desc, constant=None: _task(
-        "glue", f"configs/{task}.py:minilm", metric, "minilm", _GLUE_ROUND2 + more, rank=8, description=desc,
-        constant=constant,
-    )  # fmt: skip
+    glue = _minilm_glue(_GLUE_ROUND2)
     tasks = ml_collections.ConfigDict()
     tasks.sst2 = glue(
         "sst2", "accuracy", "max_train_examples=5000", "holdout_examples=500", "num_epochs=1",
