@@ -156,7 +156,7 @@ def run_grid(
 
     Args:
       config: configs/study.py config.
-      commit_results: commit each collected results folder (`commit`).
+      commit_results: commit each collected results folder (`collect.commit`).
       max_hours: start no new run after this many hours (<= 0: no limit).
       only: run only run ids containing this substring ("" = all).
       runner: `collect.execute`-like callable (cmd, env, log_path, stop) -> return code (tests substitute it).
