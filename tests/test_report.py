@@ -162,3 +162,21 @@ def test_spectrum_table_reads_the_analysis(rendered):
     row = next(ln for ln in text.splitlines() if ln.startswith("| cola | icfm |"))
     stable = np.mean([np.mean([a["stable_rank"] for a in _analysis("icfm", s)["adapters"]]) for s in range(3)])
     assert f"| {stable:.2f} |" in row and row.endswith("| 0.00 | 3 |")
+
+
+def test_a_task_no_row_learned_is_left_out_of_the_verdict_and_the_average(tmp_path):
+    """RTE at chance (every row within 1 point of the majority class): its rows stay in the score table, but the
+    verdict, the per-seed average and the Holm correction are over CoLA alone."""
+    chance = {("rte", row): [0.52, 0.53, 0.52] for row in ("lora", "shim", "icfm")}
+    for (task, row), values in {**{k: v for k, v in SCORES.items() if k[0] == "cola"}, **chance}.items():
+        for seed, value in enumerate(values):
+            _write(tmp_path / "results" / f"{task}-{row}-s{seed}", task, row, seed, value)
+    config = study_config.get_config("offline")
+    text = report.write_report(config, str(tmp_path / "results"), str(tmp_path / "R.md"), str(tmp_path / "figs"))
+    assert study_stats.unlearned(study_stats.cells(report.load_results(str(tmp_path / "results")), config),
+                                 ["cola", "rte"], config) == ["rte"]  # fmt: skip
+    assert "Of 2 MTLoRA-vs-LoRA comparisons" in text and "not learned" in text
+    assert not any(ln.startswith("- RTE: shim") for ln in text.splitlines())
+    shim = np.mean(SCORES[("cola", "shim")]) * 100
+    assert f"the average: shim {shim:.1f} vs LoRA" in text  # the average of CoLA alone
+    assert "| 52.3 ± 0.6 |" in text  # RTE's scores are still shown

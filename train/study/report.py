@@ -37,6 +37,7 @@ from train.study.stats import (  # noqa: F401 (the report's numbers, re-exported
     row_kind,
     row_label,
     seed_average,
+    unlearned,
     verdict,
 )
 
@@ -130,7 +131,8 @@ def render(
         out += ["## What changed against round one (docs/RESULTS.md)", "", *sweep_report.changes_text(config), ""]
         out += ["## The learning-rate sweep", "", sweep_report.best_text(config, best), ""]
         out += sweep_report.sweep_tables(config, all_results, best)
-    cmp = comparisons(c, tasks, kinds)
+    learned_tasks = [t for t in tasks if t not in unlearned(c, tasks, config)]
+    cmp = comparisons(c, learned_tasks, kinds)  # a task no row learned says nothing about the structures
     out += ["## Where MTLoRA does and does not beat LoRA", ""]
     mt_cmp = [x for x in cmp if x["kind"].split("-")[0] in T_STRUCTURES and x["task"] != "average"]
     if mt_cmp:
@@ -155,11 +157,14 @@ def render(
     for task in [*tasks, "average"]:
         sentences = [verdict(x) for x in cmp if x["task"] == task]
         out += [f"- {s}" for s in sentences]
+    left_out = [t for t in tasks if t not in learned_tasks]
     out += ["", f"## Scores (final evaluation in points, mean ± std over seeds; n shown when < {full})", ""]
+    if left_out:
+        out += [f"The average is over the learned tasks; {', '.join(left_out)} left out (not learned).", ""]
     table = []
     for kind in kinds:
         cols = [_fmt(*mean_std(c[(t, kind)].values()), full) if (t, kind) in c else "—" for t in tasks]
-        avg = seed_average(c, kind, tasks)
+        avg = seed_average(c, kind, learned_tasks)
         table.append([row_label(kind), *cols, _fmt(*mean_std(avg.values()), full) if avg else "—"])
     consts = [config.tasks[t].get("constant") for t in tasks]
     if any(x is not None for x in consts):

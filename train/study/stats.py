@@ -104,21 +104,38 @@ def verdict(x: dict) -> str:
     return f"{head}: {better} at p < {ALPHA}{held}."
 
 
+def _best_row(c: dict, task: str):
+    """(row kind, mean score) of the best row of `task`, or None without scores."""
+    means = [(k, np.mean(list(v.values()))) for (t, k), v in c.items() if t == task and v]
+    return max(means, key=lambda kv: kv[1]) if means else None
+
+
+def unlearned(c: dict, tasks, config) -> list[str]:
+    """The tasks with a constant-prediction score that no row clears by LEARNED_MARGIN: the budget learned nothing
+    there, so the verdict, the average and the Holm correction leave them out."""
+    out = []
+    for task in [t for t in tasks if config.tasks[t].get("constant") is not None]:
+        best = _best_row(c, task)
+        if best is not None and best[1] <= config.tasks[task].constant + LEARNED_MARGIN:
+            out.append(task)
+    return out
+
+
 def constant_text(c: dict, tasks, config) -> list[str]:
     """One sentence per task with a constant-prediction score: does the best row clear it by LEARNED_MARGIN?"""
     out = []
     for task in [t for t in tasks if config.tasks[t].get("constant") is not None]:
-        const = config.tasks[task].constant
-        means = [(k, np.mean(list(v.values()))) for (t, k), v in c.items() if t == task and v]
-        if not means:
+        const, best = config.tasks[task].constant, _best_row(c, task)
+        if best is None:
             continue
-        best_kind, best = max(means, key=lambda kv: kv[1])
-        head = f"{task.upper()}: best row {row_label(best_kind)} {best:.1f}, constant prediction {const:.1f}"
-        if best > const + LEARNED_MARGIN:
-            out.append(f"{head}: learned ({best - const:+.1f} points).")
+        best_kind, score = best
+        head = f"{task.upper()}: best row {row_label(best_kind)} {score:.1f}, constant prediction {const:.1f}"
+        if task not in unlearned(c, [task], config):
+            out.append(f"{head}: learned ({score - const:+.1f} points).")
         else:
             out.append(
                 f"{head}: no row beats it by more than {LEARNED_MARGIN:.0f} point, so within this budget the model "
-                "did not learn the task and its comparisons say nothing about the structures."
+                "did not learn the task; its comparisons say nothing about the structures and are left out of the "
+                "verdict, the average and the Holm correction."
             )
     return out
