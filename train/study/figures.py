@@ -98,18 +98,20 @@ def plot_lr(plt, config, results, task, kinds, best, path):
             runs = sorted((r for r in runs if r.run["seed"] == config.seeds[0]), key=lambda r: r.run["lr"])
             ok = [r for r in runs if key in r.summary["metrics"]]
             style = dict(color=f"C{i}", ls="--" if kind.endswith("-id") else "-")
-            ax.plot([r.run["lr"] for r in ok], [t.scale * r.summary["metrics"][key] for r in ok], marker="o", ms=3,
-                    label=kind, **style)  # fmt: skip
+            shift = 1.04 ** (i - (len(kinds) - 1) / 2)  # rows side by side at each rate, so equal scores stay visible
+            ax.plot([shift * r.run["lr"] for r in ok], [t.scale * r.summary["metrics"][key] for r in ok], marker="o",
+                    ms=3, label=kind, **style)  # fmt: skip
             chosen = [r for r in ok if r.run["lr"] == best.get((task, kind), (None,))[0]]
             if chosen:
-                ax.plot([chosen[0].run["lr"]], [t.scale * chosen[0].summary["metrics"][key]], marker="*", ms=11,
-                        color=f"C{i}", ls="none")  # fmt: skip
-            bad = [r.run["lr"] for r in runs if r.summary.get("diverged")]
+                ax.plot([shift * chosen[0].run["lr"]], [t.scale * chosen[0].summary["metrics"][key]], marker="*",
+                        ms=11, color=f"C{i}", ls="none")  # fmt: skip
+            bad = [shift * r.run["lr"] for r in runs if r.summary.get("diverged")]
             if bad:
                 ax.plot(bad, [0.0] * len(bad), marker="x", color=f"C{i}", ls="none", transform=ax.get_xaxis_transform())
         ax.set(xscale="log", title=f"{task}: {title}", xlabel="learning rate", ylabel=f"{t.metric} (points)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("stars: each row's chosen rate (best on the held-out part)", fontsize=8)
+    fig.suptitle("stars: each row's chosen rate (best on the held-out part); rows drawn side by side at each rate; "
+                 "dashed: started at T = I", fontsize=8)  # fmt: skip
     return _save(fig, path)
 
 
