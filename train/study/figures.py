@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from train.study.stats import row_kind
+from train.study.sweep import lr_text
 
 T_STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")  # the structures with a trainable T
 
@@ -109,6 +110,9 @@ def plot_lr(plt, config, results, task, kinds, best, path):
             if bad:
                 ax.plot(bad, [0.0] * len(bad), marker="x", color=f"C{i}", ls="none", transform=ax.get_xaxis_transform())
         ax.set(xscale="log", title=f"{task}: {title}", xlabel="learning rate", ylabel=f"{t.metric} (points)")
+        rates = sorted({r.run["lr"] for r in results if r.run["task"] == task and r.run.get("lr")})
+        ax.set_xticks(rates, [lr_text(lr) for lr in rates])
+        ax.set_xticks([], minor=True)
     axes[0].legend(fontsize=7)
     fig.suptitle("stars: each row's chosen rate (best on the held-out part); rows drawn side by side at each rate; "
                  "dashed: started at T = I", fontsize=8)  # fmt: skip
