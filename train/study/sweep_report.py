@@ -90,7 +90,7 @@ def changes_text(config) -> list[str]:
         "GELU and LayerNorm kernels were rewritten (same numbers to float tolerance, tests/test_models*.py), so "
         "round one's runs are not bit-identical to a rerun of them today.",
         "- **GPT-2 preset.** The `mtlora-paper` preset for GPT-2 now puts one joint T over q, k and v of c_attn, "
-        "as the authors' GPT-2 does (round one's GPT-2 rows would differ; this grid has no GPT-2 run).",
+        "as the authors' GPT-2 does; it changes the `gpu` grid's GPT-2 rows, and no offline grid has a GPT-2 run.",
     ]
 
 
