@@ -242,7 +242,7 @@ def write_report(config, results_dir: str, out: str, figures_dir: str) -> str:
     best, final = None, results
     if config.get("learning_rates"):  # a sweep grid: tables and tests see each row's runs at its chosen rate
         best = study.best_rates(config, results_dir)
-        final = sweep_report.at_best(config, results, best)
+        final = sweep_report.at_best(results, best)
     sweep_runs = sweep_report.first_seed(config, results) if best is not None else ()
     figures = study_figures.plot_all(config, final, figures_dir, sweep_runs, best) if results else {}
     rel = {k: os.path.relpath(v, os.path.dirname(os.path.abspath(out))) for k, v in figures.items()}

@@ -8,7 +8,7 @@ The tables and tests of train/study/report.py then see only the runs at each row
 from train.study import sweep
 
 
-def at_best(config, results: list, best: dict) -> list:
+def at_best(results: list, best: dict) -> list:
     """The runs at their row's chosen rate (`best`: {(task, row): (rate or None, rates)} of grid.best_rates)."""
     chosen = lambda r: best.get((r.run["task"], r.run["row"]), (None,))[0]
     return [r for r in results if r.run.get("lr") is not None and r.run["lr"] == chosen(r)]
